@@ -1,0 +1,201 @@
+"""Export checks: does the exported directory load, and do vLLM and transformers agree on it?
+
+Both sides greedily generate the same number of tokens from the same token-id prompts (EOS does not
+stop either side) and every token must match. vLLM runs in a child process (see vllm_worker).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from .errors import UserError
+
+log = logging.getLogger(__name__)
+
+PROMPTS = ["Once upon a time", "The little dog", "She opened the box and", "In the morning, the"]
+MAX_NEW_TOKENS = 32
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
+
+
+class CheckError(UserError):
+    """The export does not behave: the message says where the two sides differ."""
+
+
+@dataclass
+class CheckResult:
+    backend: str
+    passed: bool
+    prompts: int = 0
+    tokens_per_prompt: int = MAX_NEW_TOKENS
+    generated: bool = True  # False when the engine loaded but this machine cannot run the format
+    detail: str = ""
+    tokens: list[list[int]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("tokens")
+        return d
+
+
+def prompt_ids(model_dir: str | Path, vocab_size: int) -> list[list[int]]:
+    """Token ids of the fixed prompts: from the model's tokenizer, or fixed ids when it has none."""
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir)
+        ids = [tok(p)["input_ids"] for p in PROMPTS]
+        if all(ids) and max(max(i) for i in ids) < vocab_size:
+            return ids
+    except Exception:  # no tokenizer files: tiny test models; fall through to fixed ids
+        pass
+    g = torch.Generator().manual_seed(1234)
+    return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in (4, 6, 8, 5)]
+
+
+@torch.no_grad()
+def greedy(model: torch.nn.Module, prompts: list[list[int]], max_new_tokens: int = MAX_NEW_TOKENS) -> list[list[int]]:
+    """Greedy continuation of each prompt with a KV cache; EOS does not stop it (vLLM runs ignore_eos)."""
+    device = next(model.parameters()).device
+    out = []
+    for p in prompts:
+        ids = torch.tensor([p], device=device)
+        res = model(input_ids=ids, use_cache=True)
+        tokens = []
+        for _ in range(max_new_tokens):
+            nxt = int(res.logits[0, -1].float().argmax())
+            tokens.append(nxt)
+            res = model(input_ids=torch.tensor([[nxt]], device=device), past_key_values=res.past_key_values,
+                        use_cache=True)
+        out.append(tokens)
+    return out
+
+
+def _first_difference(a: list[list[int]], b: list[list[int]]) -> str | None:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            j = next((k for k, (s, t) in enumerate(zip(x, y)) if s != t), min(len(x), len(y)))
+            return f"prompt {i} differs at generated token {j}: {x[max(0, j - 2): j + 4]} vs {y[max(0, j - 2): j + 4]}"
+    return None
+
+
+def load_for_check(model_dir: str | Path) -> torch.nn.Module:
+    """The export as transformers loads it, in float32 (quantized weights decompressed to dense)."""
+    return AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+
+
+def _quantization(model_dir: str | Path) -> dict | None:
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return cfg.get("quantization_config")
+
+
+def _weight_bits(q: dict) -> tuple[int | None, int | None]:
+    """(weight bits, activation bits) of a compressed-tensors config's first scheme."""
+    for group in (q.get("config_groups") or {}).values():
+        w = group.get("weights") or {}
+        a = group.get("input_activations") or {}
+        return w.get("num_bits"), a.get("num_bits")
+    return None, None
+
+
+def cpu_can_run(model_dir: str | Path) -> tuple[bool, str]:
+    """Whether vLLM's CPU build can generate with this export on this machine, and why not."""
+    q = _quantization(model_dir)
+    if q is None:
+        return True, ""
+    wbits, _ = _weight_bits(q)
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    if wbits is not None and wbits < 8 and "avx512f" not in flags:
+        return False, (f"W{wbits}A16 loads in vLLM, but its CPU kernel (cpu_gemm_wna16) exists only in the "
+                       "AVX-512 build and this CPU has AVX2 only: generation needs a GPU or an AVX-512 CPU")
+    return True, ""
+
+
+def transformers_tokens(model_dir: str | Path, prompts: list[list[int]]) -> list[list[int]]:
+    """Greedy tokens from transformers; W8A8 exports get vLLM's dynamic per-token int8 activation
+    quantization emulated so both sides compute the same thing."""
+    model = load_for_check(model_dir)
+    q = _quantization(model_dir)
+    if q is not None:
+        _, abits = _weight_bits(q)
+        if abits == 8:
+            from .formats.compressed import emulate_activation_quant
+
+            emulate_activation_quant(model, bits=8)
+    return greedy(model, prompts)
+
+
+def vllm_tokens(model_dir: str | Path, prompts: list[list[int]], *, generate: bool = True,
+                dtype: str = "float32", timeout: float = 900) -> dict:
+    """Run vLLM on the export in a child process; returns the worker's result for this model."""
+    return run_vllm_jobs([dict(model=str(model_dir), dtype=dtype, prompts=prompts, max_tokens=MAX_NEW_TOKENS,
+                               max_model_len=_max_len(model_dir, prompts), generate=generate)], timeout)[0]
+
+
+def _max_len(model_dir: str | Path, prompts: list[list[int]]) -> int:
+    cfg = AutoConfig.from_pretrained(model_dir)
+    need = max(len(p) for p in prompts) + MAX_NEW_TOKENS + 8
+    return min(cfg.max_position_embeddings, max(need, 128))
+
+
+def run_vllm_jobs(jobs: list[dict], timeout: float = 900) -> list[dict]:
+    """Run several vLLM jobs in one child process (one Python start-up for all of them)."""
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    with tempfile.TemporaryDirectory(prefix="llmslim-vllm-") as tmp:
+        jobs_path, out_path = Path(tmp) / "jobs.json", Path(tmp) / "result.json"
+        jobs_path.write_text(json.dumps(jobs))
+        proc = subprocess.run([sys.executable, "-m", "llmslim.vllm_worker", str(jobs_path), str(out_path)],
+                              env=env, capture_output=True, text=True, timeout=timeout)
+        results = json.loads(out_path.read_text()) if out_path.exists() else []
+        if len(results) < len(jobs):
+            tail = (proc.stderr or proc.stdout or "").strip().splitlines()[-3:]
+            missing = [{"loaded": False, "error": f"vLLM worker exited with code {proc.returncode}: "
+                        + " | ".join(tail)} for _ in jobs[len(results):]]
+            results += missing
+        return results
+
+
+def check_export(model_dir: str | Path, backend: str = "vllm", *, reference: torch.nn.Module | None = None) -> CheckResult:
+    """Check an export. transformers: it loads and generates, and (with `reference`, the model before
+    export) gives the same greedy tokens as that model. vllm: additionally vLLM serves it with exactly
+    transformers' greedy tokens. Raises CheckError on any disagreement."""
+    model_dir = Path(model_dir)
+    cfg = AutoConfig.from_pretrained(model_dir)
+    prompts = prompt_ids(model_dir, cfg.vocab_size)
+    hf = transformers_tokens(model_dir, prompts)
+    if reference is not None:
+        ref = greedy(reference, prompts)
+        diff = _first_difference(ref, hf)
+        if diff:
+            raise CheckError(f"{model_dir}: the export reloaded in transformers differs from the model before "
+                             f"export: {diff}")
+    if backend == "transformers":
+        return CheckResult("transformers", True, len(prompts), tokens=hf,
+                           detail="loads in transformers" + ("; same greedy tokens as before export" if reference else ""))
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    if not torch.cuda.is_available() and head_dim not in VLLM_CPU_HEAD_DIMS:
+        raise CheckError(f"{model_dir}: head_dim {head_dim} is not supported by vLLM's CPU attention "
+                         f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); use export.check: transformers")
+    can_run, why = cpu_can_run(model_dir) if not torch.cuda.is_available() else (True, "")
+    res = vllm_tokens(model_dir, prompts, generate=can_run)
+    if not res.get("loaded"):
+        raise CheckError(f"{model_dir}: vLLM could not load the export: {res.get('error')}")
+    if not can_run:
+        return CheckResult("vllm", True, len(prompts), generated=False, tokens=hf,
+                           detail=f"vLLM loads the export; generation not possible here: {why}")
+    if "generate_error" in res:
+        raise CheckError(f"{model_dir}: vLLM loaded the export but generation failed: {res['generate_error']}")
+    diff = _first_difference(hf, res["tokens"])
+    if diff:
+        raise CheckError(f"{model_dir}: vLLM and transformers disagree: {diff} (transformers vs vLLM)")
+    return CheckResult("vllm", True, len(prompts), tokens=hf,
+                       detail=f"vLLM and transformers agree on {len(prompts)} x {MAX_NEW_TOKENS} greedy tokens")

@@ -1,0 +1,253 @@
+"""Checkpoints on disk: reading tensors lazily, materialising one decoder layer at a time, and writing
+safetensors shards incrementally. This is what keeps host memory bounded: a stage never needs more
+than the layer it works on plus the embeddings, unless it asks for the whole model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
+
+from .adapters import Adapter, layer_of
+from .errors import UserError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INDEX_FILE = "model.safetensors.index.json"
+# Files that travel with a model but are not weights.
+SIDE_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model",
+              "vocab.json", "merges.txt", "added_tokens.json", "chat_template.jinja", "generation_config.json")
+
+
+class Checkpoint:
+    """A model directory: config.json plus safetensors weights (one file or an index of shards)."""
+
+    def __init__(self, path: str | Path, *, trust_remote_code: bool = False):
+        self.path = Path(path)
+        if not (self.path / "config.json").is_file():
+            raise UserError(f"{self.path}: not a model directory (no config.json)")
+        self.config: PretrainedConfig = AutoConfig.from_pretrained(self.path, trust_remote_code=trust_remote_code)
+        self.adapter = Adapter.for_config(self.config, str(self.path))
+        self._files = self._weight_map()
+
+    def _weight_map(self) -> dict[str, Path]:
+        index = self.path / INDEX_FILE
+        if index.is_file():
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {k: self.path / v for k, v in weight_map.items()}
+        single = self.path / "model.safetensors"
+        if single.is_file():
+            with safe_open(single, "pt") as f:
+                return {k: single for k in f.keys()}
+        raise UserError(f"{self.path}: no safetensors weights (model.safetensors or {INDEX_FILE})")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._files)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the checkpoint declares (config `dtype`), else that of its first float tensor."""
+        declared = getattr(self.config, "dtype", None)
+        if isinstance(declared, torch.dtype):
+            return declared
+        if isinstance(declared, str) and declared in DTYPES:
+            return DTYPES[declared]
+        for name in self._files:
+            t = self.read([name])[name]
+            if t.is_floating_point():
+                return t.dtype
+        return torch.float32
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the safetensors headers (no data read)."""
+        out = {}
+        for file, names in _by_file(self._files, self._files).items():
+            with safe_open(file, "pt") as f:
+                for n in names:
+                    out[n] = tuple(f.get_slice(n).get_shape())
+        return out
+
+    def read(self, names: Iterable[str], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+        """Read the named tensors (floating-point ones cast to `dtype` when given)."""
+        out: dict[str, torch.Tensor] = {}
+        for file, group in _by_file(list(names), self._files).items():
+            with safe_open(file, "pt") as f:
+                for n in group:
+                    t = f.get_tensor(n)
+                    out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return out
+
+    def layer_names(self, index: int) -> list[str]:
+        return [n for n in self._files if layer_of(n) == index]
+
+
+def _by_file(names: Iterable[str], files: dict[str, Path]) -> dict[Path, list[str]]:
+    groups: dict[Path, list[str]] = {}
+    for n in names:
+        if n not in files:
+            raise KeyError(n)
+        groups.setdefault(files[n], []).append(n)
+    return groups
+
+
+def _tie(model: nn.Module, config: PretrainedConfig) -> None:
+    if getattr(config, "tie_word_embeddings", False):
+        model.lm_head.weight = model.get_input_embeddings().weight
+
+
+class LazyModel:
+    """A transformers model built from a checkpoint with its decoder layers left on the meta device until
+    `materialize(i)` reads them from disk; `release(i)` frees them again. Embeddings, final norm and
+    lm_head are loaded up front (the layer-by-layer runner needs them to make layer 0's inputs)."""
+
+    def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, *, config: PretrainedConfig | None = None):
+        self.ckpt = ckpt
+        self.adapter = ckpt.adapter
+        self.dtype = dtype
+        config = copy_config(config or ckpt.config, dtype)
+        with init_empty_weights(include_buffers=False):  # buffers (rotary inv_freq) are built for real
+            self.model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        self.model.eval()
+        self.config = self.model.config
+        outside = [n for n in ckpt.names if layer_of(n) is None and not _is_tied_head(n, self.config)]
+        self._assign("", self.adapter.from_disk(ckpt.read(outside, dtype)))
+        _tie(self.model, self.config)
+        self.layers = self.adapter.layers(self.model)
+
+    def _assign(self, prefix: str, state: dict[str, torch.Tensor]) -> None:
+        target = self.model.get_submodule(prefix[:-1]) if prefix else self.model
+        local = {k[len(prefix):]: v for k, v in state.items()}
+        expected = {k for k in target.state_dict() if not (not prefix and _is_tied_head(k, self.config))}
+        if prefix == "":
+            expected = {k for k in expected if layer_of(k) is None}
+        missing, unexpected = expected - set(local), set(local) - expected
+        if missing or unexpected:
+            raise UserError(f"{self.ckpt.path}: weights do not match config.json"
+                            f"{' (at ' + prefix[:-1] + ')' if prefix else ''}: missing "
+                            f"{sorted(missing)[:4]}, unexpected {sorted(unexpected)[:4]}")
+        target.load_state_dict(local, strict=False, assign=True)
+
+    def is_materialized(self, index: int) -> bool:
+        return not any(p.is_meta for p in self.layers[index].parameters())
+
+    def materialize(self, index: int) -> nn.Module:
+        """Read decoder layer `index` from disk into memory (no-op when it already is)."""
+        if not self.is_materialized(index):
+            names = self.ckpt.layer_names(index)
+            self._assign(f"model.layers.{index}.", self.adapter.from_disk(self.ckpt.read(names, self.dtype)))
+        return self.layers[index]
+
+    def release(self, index: int) -> None:
+        """Drop decoder layer `index`'s weights from memory (back to the meta device)."""
+        self.layers[index].to("meta")
+
+    def materialize_all(self) -> nn.Module:
+        """Load every layer: the whole model in memory, for stages that need it (training, gradients)."""
+        for i in range(len(self.layers)):
+            self.materialize(i)
+        return self.model
+
+
+def _is_tied_head(name: str, config: PretrainedConfig) -> bool:
+    return name == "lm_head.weight" and bool(getattr(config, "tie_word_embeddings", False))
+
+
+def copy_config(config: PretrainedConfig, dtype: torch.dtype) -> PretrainedConfig:
+    """A copy of `config` that records `dtype` as the weights' dtype."""
+    new = PretrainedConfig.from_dict(config.to_dict()) if type(config) is PretrainedConfig else \
+        type(config).from_dict(config.to_dict())
+    new.dtype = dtype
+    return new
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> bytes (decimal units, like transformers' max_shard_size)."""
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "B": 1}
+    t = text.strip().upper()
+    for unit, factor in units.items():
+        if t.endswith(unit):
+            try:
+                return int(float(t[: -len(unit)]) * factor)
+            except ValueError:
+                break
+    raise UserError(f"export.max_shard_size: found {text!r}; expected a size like 500MB or 2GB")
+
+
+class CheckpointWriter:
+    """Writes tensors into safetensors shards as they come (each shard flushed once it is full), then the
+    shard index and config.json on `close()`. Memory held: at most one shard's worth of tensors."""
+
+    def __init__(self, path: str | Path, *, max_shard_bytes: int = 2 * 10**9):
+        self.path = Path(path)
+        self.path.mkdir(parents=True, exist_ok=True)
+        self.max_shard_bytes = max_shard_bytes
+        self._buffer: dict[str, torch.Tensor] = {}
+        self._buffer_bytes = 0
+        self._shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Queue tensors (checkpoint names) for writing; flushes a shard when the buffer is full."""
+        for name, t in tensors.items():
+            size = t.numel() * t.element_size()
+            if self._buffer and self._buffer_bytes + size > self.max_shard_bytes:
+                self._flush()
+            self._buffer[name] = t.detach().to("cpu").contiguous()
+            self._buffer_bytes += size
+            self.total_bytes += size
+
+    def add_state(self, adapter: Adapter, state: dict[str, torch.Tensor], config: PretrainedConfig) -> None:
+        """Queue an in-memory state dict (memory names), converted to the checkpoint layout."""
+        state = {k: v for k, v in state.items() if not _is_tied_head(k, config)}
+        self.add(adapter.to_disk(state))
+
+    def _flush(self) -> None:
+        if not self._buffer:
+            return
+        number = len(self._shards) + 1
+        save_file(self._buffer, str(self.path / f"part-{number:05d}.safetensors"), metadata={"format": "pt"})
+        self._shards.append(list(self._buffer))
+        self._buffer, self._buffer_bytes = {}, 0
+
+    def close(self, config: PretrainedConfig | dict) -> None:
+        """Write the last shard, name the shards as transformers does, write the index and config.json."""
+        self._flush()
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        for i, names in enumerate(self._shards, start=1):
+            final = "model.safetensors" if n == 1 else f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.path / f"part-{i:05d}.safetensors", self.path / final)
+            weight_map.update({name: final for name in names})
+        if n > 1:
+            index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.path / INDEX_FILE).write_text(json.dumps(index, indent=2))
+        if isinstance(config, dict):
+            (self.path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        else:
+            config.save_pretrained(self.path)
+
+
+def save_model(model: nn.Module, adapter: Adapter, path: str | Path, *, max_shard_bytes: int = 2 * 10**9) -> None:
+    """Write a whole in-memory model as a checkpoint (layer by layer, through CheckpointWriter)."""
+    writer = CheckpointWriter(path, max_shard_bytes=max_shard_bytes)
+    writer.add_state(adapter, model.state_dict(), model.config)
+    writer.close(model.config)
+
+
+def copy_side_files(src: str | Path, dst: str | Path) -> list[str]:
+    """Copy tokenizer files and generation_config.json from one model directory to another."""
+    copied = []
+    for name in SIDE_FILES:
+        if (Path(src) / name).is_file():
+            shutil.copy2(Path(src) / name, Path(dst) / name)
+            copied.append(name)
+    return copied

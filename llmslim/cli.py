@@ -1,0 +1,210 @@
+"""The `llmslim` command: run, validate, check.
+
+User errors print one line each and exit 2; Ctrl-C exits 130 with a note on how to resume; anything
+else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import Any
+
+from .errors import UserError
+from .progress import Progress, Task
+
+log = logging.getLogger("llmslim")
+
+
+# ---------------------------------------------------------------- display
+
+
+class RichTask(Task):
+    def __init__(self, bar: Any, description: str, total: int | None):
+        super().__init__(description, total)
+        self._bar = bar
+        self._id = bar.add_task(description, total=total)
+
+    def advance(self, n: int = 1) -> None:
+        super().advance(n)
+        self._bar.advance(self._id, n)
+
+    def close(self) -> None:  # the bar itself is the record; no extra log line
+        total = self.total if self.total is not None else 1
+        self._bar.update(self._id, total=total, completed=total)
+        self._bar.stop_task(self._id)
+
+
+class RichProgress(Progress):
+    """Live progress bars on the terminal (stderr), one per task."""
+
+    def __init__(self, console: Any):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeElapsedColumn
+
+        self.bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                         console=console, transient=False)
+
+    def task(self, description: str, total: int | None = None) -> Task:
+        return RichTask(self.bars, description, total)
+
+
+def _setup(quiet: bool) -> tuple[Any, Progress]:
+    from rich.console import Console
+    from rich.logging import RichHandler
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()  # our own progress display replaces tqdm bars
+    transformers.utils.logging.set_verbosity_error()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    console = Console(stderr=True)
+    if quiet:
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+        return console, Progress()
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=False)])
+    return console, RichProgress(console)
+
+
+def _stdout() -> Any:
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 120)
+
+
+def plan_table(rows: list) -> Any:
+    from rich.table import Table
+
+    from .report import human_bytes, human_count
+
+    table = Table(title="plan")
+    for col in ("stage", "layers", "heads", "KV", "head_dim", "FFN", "experts", "params", "bytes"):
+        table.add_column(col, justify="left" if col == "stage" else "right", no_wrap=True)
+    for r in rows:
+        s = r.shape
+        experts = f"{s.experts} (top-{s.top_k})" if s.experts else "-"
+        ffn = f"{s.ffn}" + (f" + shared {s.shared_ffn}" if s.shared_ffn else "")
+        table.add_row(r.label, str(s.layers), str(s.heads), str(s.kv_heads), str(s.head_dim), ffn, experts,
+                      f"{r.params:,}", human_bytes(r.bytes))
+    return table
+
+
+def summary_table(report: dict[str, Any]) -> Any:
+    from rich.table import Table
+
+    from .report import human_bytes, human_count
+
+    table = Table(title=f"llmslim: {report['model']} -> {report['output']}")
+    for col in ("", "before", "after", "ratio"):
+        table.add_column(col, justify="left" if not col else "right")
+
+    def ratio(a: float, b: float) -> str:
+        return f"{a / b:.3f}x" if b else "-"
+
+    size = report["size"]
+    table.add_row("parameters", human_count(size["before"]["params"]), human_count(size["after"]["params"]),
+                  ratio(size["after"]["params"], size["before"]["params"]))
+    table.add_row("bytes on disk", human_bytes(size["before"]["bytes"]), human_bytes(size["after"]["bytes"]),
+                  ratio(size["after"]["bytes"], size["before"]["bytes"]))
+    before = report["eval"]["before"].get("perplexity", {})
+    after = report["eval"]["after"].get("perplexity", {})
+    for name, b in before.items():
+        a = after.get(name)
+        table.add_row(f"perplexity ({name})", f"{b['ppl']:.4f}", f"{a['ppl']:.4f}" if a else "-",
+                      ratio(a["ppl"], b["ppl"]) if a else "-")
+    for s in report["stages"]:
+        table.add_row(f"stage {s['index']}: {s['method']}", f"{s['seconds']:.1f} s", "", "")
+    if report.get("check"):
+        c = report["check"]
+        table.add_row(f"check ({c['backend']})", "passed" if c["passed"] else "FAILED", "", "")
+    return table
+
+
+# ---------------------------------------------------------------- commands
+
+
+def cmd_validate(args: argparse.Namespace, console: Any, progress: Progress) -> int:
+    from .pipeline import Workspace, prepare
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    _, _, _, rows, _ = prepare(recipe, Workspace(recipe.spec.output))
+    _stdout().print(plan_table(rows))
+    console.print(f"{args.recipe}: valid, {len(recipe.stages)} stage(s)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace, console: Any, progress: Progress) -> int:
+    from contextlib import nullcontext
+
+    from .pipeline import run
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.set)
+    out = _stdout()
+    bars = getattr(progress, "bars", None)
+    with bars if bars is not None else nullcontext():
+        report = run(recipe, fresh=args.fresh, progress=progress, on_plan=lambda rows: out.print(plan_table(rows)))
+    out.print(summary_table(report))
+    out.print(f"export: {report['output']}  (report: {report['output']}/llmslim_report.md)")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace, console: Any, progress: Progress) -> int:
+    from pathlib import Path
+
+    from .check import check_export
+    from .export import verify_shapes
+
+    path = Path(args.dir)
+    if not (path / "config.json").is_file():
+        raise UserError(f"{args.dir}: not a model directory (no config.json)")
+    n = verify_shapes(path)
+    with progress.track(f"checking {args.dir} ({args.backend})", None):
+        result = check_export(path, args.backend)
+    print(f"{args.dir}: {n} tensors match config.json; {result.detail}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="llmslim", description="Compress LLMs with one YAML recipe; export for vLLM.")
+    sub = p.add_subparsers(dest="command", required=True)
+    overrides = dict(action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a recipe field, e.g. --set stages.0.count=2 (repeatable)")
+    r = sub.add_parser("run", help="run a recipe: stages, export, check, report")
+    r.add_argument("recipe")
+    r.add_argument("--set", **overrides)
+    r.add_argument("--fresh", action="store_true", help="discard earlier progress of this recipe's output")
+    r.add_argument("--quiet", action="store_true", help="log lines only, no live display")
+    v = sub.add_parser("validate", help="validate a recipe and print the plan; runs nothing")
+    v.add_argument("recipe")
+    v.add_argument("--set", **overrides)
+    v.add_argument("--quiet", action="store_true")
+    c = sub.add_parser("check", help="check an exported model in vLLM and transformers")
+    c.add_argument("dir")
+    c.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
+    c.add_argument("--quiet", action="store_true")
+    return p
+
+
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "check": cmd_check}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    console, progress = _setup(args.quiet)
+    try:
+        return COMMANDS[args.command](args, console, progress)
+    except UserError as e:
+        from rich.markup import escape
+
+        for line in str(e).splitlines():
+            console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        return 2
+    except KeyboardInterrupt:
+        console.print("interrupted: completed stages are kept; rerun the same command to continue")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,16 @@
+"""Compression methods. Each module holds one method's config, its logic and one `register(...)` call;
+importing this package registers them all. Names that later releases implement are reserved here so
+that recipes using them get a clear message instead of "unknown method"."""
+
+from ..registry import reserve
+from . import drop_layers  # noqa: F401
+
+reserve("prune_heads", "[2/8] structured pruning")
+reserve("prune_ffn", "[2/8] structured pruning")
+reserve("gptq", "[3/8] GPTQ quantization")
+reserve("rtn", "[3/8] GPTQ quantization")
+reserve("distill", "[4/8] distillation")
+reserve("qat", "[5/8] quantization-aware training")
+reserve("moefy", "[6/8] MoE gating")
+reserve("prune_experts", "[6/8] MoE gating")
+reserve("set_topk", "[6/8] MoE gating")

@@ -1,0 +1,156 @@
+"""drop_layers: remove whole decoder layers.
+
+Which layers: an explicit list, or `count` layers chosen by a criterion measured on calibration tokens,
+one decoder layer at a time:
+- block_influence (ShortGPT, Men et al. 2024): BI_i = 1 - mean over tokens of cos(x_i, x_{i+1}), the
+  similarity of layer i's input and output hidden states; the `count` lowest-BI layers go.
+- angular (Gromov et al. 2024): the block of `count` consecutive layers whose first input and last output
+  are closest in angular distance arccos(cos)/pi, measured on each window's last token.
+- last: the `count` layers just before the final one (which Gromov et al. find essential), no data.
+The surgery itself streams: kept layers are copied tensor by tensor and renumbered, never loaded as modules.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from ..adapters import layer_of
+from ..layerwise import run_layer, walk
+from ..plan import PlanError, PlanState
+from ..registry import Method, MethodConfig, register
+from ..stage import StageContext, StageResult
+
+
+class DropLayersConfig(MethodConfig):
+    """Remove whole decoder layers: give `layers` explicitly, or a `count` and a `criterion`."""
+
+    count: int | None = Field(default=None, gt=0)
+    """How many layers to remove (chosen by `criterion`)."""
+    layers: list[int] | None = None
+    """Exactly which layers to remove (0-based indices); overrides `criterion`."""
+    criterion: Literal["block_influence", "angular", "last"] = "block_influence"
+    """How `count` layers are chosen: block_influence (ShortGPT), angular (Gromov et al.) or last."""
+    data: str | None = None
+    """Calibration source (from `data:`) for block_influence and angular."""
+
+    @model_validator(mode="after")
+    def _check(self) -> DropLayersConfig:
+        if (self.count is None) == (self.layers is None):
+            raise ValueError("give exactly one of 'count' (with a criterion) or 'layers' (explicit indices)")
+        if self.layers is not None and not self.layers:
+            raise ValueError("'layers' is empty: list at least one layer index")
+        if self.count is not None and self.criterion != "last" and self.data is None:
+            raise ValueError(f"criterion '{self.criterion}' measures the model on text: set 'data' to a "
+                             "source from data:, or use criterion 'last'")
+        return self
+
+    def data_source(self) -> str | None:
+        return self.data if self.layers is None and self.criterion != "last" else None
+
+
+# ---------------------------------------------------------------- pure cores: scores -> layers
+
+
+def cosine_per_token(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity of matching hidden vectors, [..., H] x [..., H] -> [...], in float32."""
+    return torch.nn.functional.cosine_similarity(x.float(), y.float(), dim=-1)
+
+
+def angular_distance(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """arccos(cos(x, y)) / pi per vector: 0 for parallel, 1 for opposite."""
+    return torch.arccos(cosine_per_token(x, y).clamp(-1.0, 1.0)) / math.pi
+
+
+def lowest_influence(influence: list[float], count: int) -> list[int]:
+    """The `count` layers with the smallest block influence (ties: the later layer goes first)."""
+    order = sorted(range(len(influence)), key=lambda i: (influence[i], -i))
+    return sorted(order[:count])
+
+
+def best_block(distance_by_start: list[float], count: int) -> list[int]:
+    """The `count` consecutive layers starting where the angular distance is smallest."""
+    start = min(range(len(distance_by_start)), key=lambda s: distance_by_start[s])
+    return list(range(start, start + count))
+
+
+# ---------------------------------------------------------------- glue
+
+
+def _measure(ctx: StageContext) -> tuple[list[float], list[torch.Tensor]]:
+    """Per-layer block influence and the last-token hidden state at every layer boundary."""
+    lazy = ctx.lazy_model()
+    inputs = ctx.calibration_inputs(lazy)
+    influence: list[float] = []
+    boundaries = [torch.cat([h[:, -1] for h in inputs.hidden]).float().cpu()]  # [N, H] per boundary
+    with ctx.progress.track(f"{ctx.stage.label}: scoring layers", len(lazy.layers)) as task:
+        for step in walk(lazy, inputs, device=ctx.device):
+            outputs = run_layer(step.layer, step.inputs)
+            cos = torch.cat([cosine_per_token(a, b).flatten() for a, b in zip(step.inputs.hidden, outputs)])
+            influence.append(1.0 - cos.mean().item())
+            boundaries.append(torch.cat([h[:, -1] for h in outputs]).float().cpu())
+            step.outputs = outputs
+            task.advance()
+    return influence, boundaries
+
+
+def choose_layers(ctx: StageContext, cfg: DropLayersConfig, n_layers: int) -> tuple[list[int], dict]:
+    if cfg.layers is not None:
+        return sorted(cfg.layers), {}
+    assert cfg.count is not None
+    if cfg.criterion == "last":
+        return list(range(n_layers - 1 - cfg.count, n_layers - 1)), {}
+    influence, boundaries = _measure(ctx)
+    notes: dict = {"block_influence": [round(v, 6) for v in influence]}
+    if cfg.criterion == "block_influence":
+        return lowest_influence(influence, cfg.count), notes
+    distance = [angular_distance(boundaries[s], boundaries[s + cfg.count]).mean().item()
+                for s in range(n_layers - cfg.count + 1)]
+    notes["angular_distance_by_start"] = [round(v, 6) for v in distance]
+    return best_block(distance, cfg.count), notes
+
+
+def run(ctx: StageContext, cfg: DropLayersConfig) -> StageResult:
+    src = ctx.source
+    n = src.config.num_hidden_layers
+    drop, notes = choose_layers(ctx, cfg, n)
+    keep = [i for i in range(n) if i not in drop]
+    config = src.adapter.with_layers(src.config, keep)
+    writer = ctx.writer()
+    writer.add(src.read([k for k in src.names if layer_of(k) is None], ctx.dtype))
+    with ctx.progress.track(f"{ctx.stage.label}: writing kept layers", len(keep)) as task:
+        for new, old in enumerate(keep):
+            old_prefix, new_prefix = f"model.layers.{old}.", f"model.layers.{new}."
+            tensors = src.read(src.layer_names(old), ctx.dtype)
+            writer.add({new_prefix + k[len(old_prefix):]: t for k, t in tensors.items()})
+            task.advance()
+    config.dtype = ctx.dtype
+    writer.close(config)
+    return StageResult(config, {"dropped": drop, "kept": keep, **notes})
+
+
+def plan(state: PlanState, cfg: DropLayersConfig) -> PlanState:
+    n = state.config.num_hidden_layers
+    if cfg.layers is not None:
+        bad = [i for i in cfg.layers if not 0 <= i < n]
+        if bad:
+            raise PlanError("layers", f"layer {bad[0]} does not exist; the model has {n} layers (0-{n - 1})")
+        if len(set(cfg.layers)) != len(cfg.layers):
+            raise PlanError("layers", f"duplicate layer indices in {cfg.layers}")
+        drop = set(cfg.layers)
+    else:
+        assert cfg.count is not None
+        limit = n - 2 if cfg.criterion == "last" else n - 1
+        if cfg.count > limit:
+            raise PlanError("count", f"cannot drop {cfg.count} of {n} layers with criterion '{cfg.criterion}'; "
+                                     f"at most {limit}")
+        drop = set(range(cfg.count))  # which ones is decided on data; the shape only needs how many
+    if len(drop) >= n:
+        raise PlanError("layers", f"dropping {len(drop)} layers would leave none of {n}")
+    return state.with_config(state.adapter.with_layers(state.config, [i for i in range(n) if i not in drop]))
+
+
+register(Method("drop_layers", DropLayersConfig, run, plan, changes_shape=True))

@@ -1,0 +1,116 @@
+"""The plan: the model's shape before and after each stage, computed from configs alone (a model built
+on the meta device gives exact parameter counts without touching weights), so every stage's
+parameters are checked against the real model before anything runs."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, replace
+from functools import lru_cache
+from typing import Any, Protocol
+
+import torch
+from transformers import AutoModelForCausalLM, PretrainedConfig
+
+from .adapters import Adapter, ModelShape
+from .errors import RecipeError
+
+
+class PlanError(ValueError):
+    """A stage's parameters do not fit the model it will see: `field` names the offending parameter."""
+
+    def __init__(self, field: str, message: str):
+        self.field = field
+        super().__init__(message)
+
+
+class WeightFormat(Protocol):
+    """How a quantization stage stores weights: lets the plan predict bytes on disk."""
+
+    def model_bytes(self, model: torch.nn.Module, dtype: torch.dtype) -> int: ...
+
+
+@dataclass(frozen=True)
+class PlanState:
+    """What a stage sees: the config, its adapter, the working dtype and (after quantization) the format."""
+
+    config: PretrainedConfig
+    adapter: Adapter
+    dtype: torch.dtype
+    quant: WeightFormat | None = None
+
+    def with_config(self, config: PretrainedConfig) -> PlanState:
+        return replace(self, config=config)
+
+    @property
+    def shape(self) -> ModelShape:
+        return self.adapter.shape(self.config)
+
+    def size(self) -> tuple[int, int]:
+        """(parameters, bytes on disk) of a model with this config."""
+        return _size(json.dumps(self.config.to_dict(), sort_keys=True, default=str), self.dtype, self.quant)
+
+
+def meta_model(config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
+    """The model a config describes, on the meta device: shapes without memory."""
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+@lru_cache(maxsize=64)
+def _size(config_json: str, dtype: torch.dtype, quant: Any) -> tuple[int, int]:
+    d = json.loads(config_json)
+    config = PretrainedConfig.from_dict(d) if "model_type" not in d else _config_class(d).from_dict(d)
+    model = meta_model(config, dtype)
+    params = sum(p.numel() for p in model.parameters())  # tied weights counted once, as on disk
+    if quant is not None:
+        return params, quant.model_bytes(model, dtype)
+    return params, params * torch.empty((), dtype=dtype).element_size()
+
+
+def _config_class(d: dict) -> type[PretrainedConfig]:
+    from transformers import AutoConfig
+
+    return type(AutoConfig.for_model(d["model_type"]))
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    label: str
+    shape: ModelShape
+    params: int
+    bytes: int
+    note: str = ""
+
+
+def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanState]]:
+    """Rows (the original, then one per stage) and the PlanState after each stage. Raises RecipeError
+    naming the stage field when a stage's parameters do not fit the model."""
+    from .registry import load_methods
+
+    methods = load_methods()
+    rows = [PlanRow("original", state.shape, *state.size())]
+    states = [state]
+    problems = []
+    quantized_at = None
+    for stage in recipe.stages:
+        method = methods[stage.method]
+        if quantized_at is not None:
+            problems.append(f"{recipe.where(('stages', stage.index))}: stages[{stage.index}]: nothing can follow "
+                            f"the quantization in stages[{quantized_at}]; put quantization last")
+            break
+        try:
+            state = method.plan(state, stage.config)
+        except PlanError as e:
+            path = ("stages", stage.index, e.field)
+            problems.append(f"{recipe.where(path)}: stages[{stage.index}].{e.field}: {e}")
+            break
+        if method.quantizes:
+            quantized_at = stage.index
+        states.append(state)
+        rows.append(PlanRow(f"{stage.index}: {stage.method}", state.shape, *state.size()))
+    if problems:
+        raise RecipeError(problems)
+    return rows, states

@@ -1,0 +1,42 @@
+"""Progress reporting without `print` in the library: stages report through a Progress object that the
+CLI owns (a rich display, or plain log lines with --quiet)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from contextlib import contextmanager
+from collections.abc import Iterator
+
+log = logging.getLogger("llmslim")
+
+
+class Task:
+    """One unit of long work (layers, samples, steps)."""
+
+    def __init__(self, description: str, total: int | None):
+        self.description, self.total, self.done = description, total, 0
+        self._started = time.perf_counter()
+
+    def advance(self, n: int = 1) -> None:
+        self.done += n
+
+    def close(self) -> None:
+        seconds = time.perf_counter() - self._started
+        log.info("%s: %d%s in %.1f s", self.description, self.done,
+                 f"/{self.total}" if self.total else "", seconds)
+
+
+class Progress:
+    """Default reporter: log lines when each task ends. The CLI swaps in a live display."""
+
+    def task(self, description: str, total: int | None = None) -> Task:
+        return Task(description, total)
+
+    @contextmanager
+    def track(self, description: str, total: int | None = None) -> Iterator[Task]:
+        task = self.task(description, total)
+        try:
+            yield task
+        finally:
+            task.close()

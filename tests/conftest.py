@@ -1,0 +1,47 @@
+"""Shared fixtures: tiny random models of every architecture, the reference model, ../shared paths."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("LLMSLIM_SHARED", REPO.parent / "shared"))
+STORIES = SHARED / "models" / "stories260K-hf"
+DEV_TXT = SHARED / "data" / "tinystories" / "dev.txt"
+WIKI_TEST = SHARED / "data" / "wikitext-2" / "test.txt"
+REFERENCE = REPO / "llmslim" / "assets" / "reference"
+
+
+def need(*paths: Path) -> None:
+    """Skip the calling test, with the reason, when shared material is absent."""
+    for p in paths:
+        if not p.exists():
+            pytest.skip(f"{p} not found: this test needs the shared model/data (set LLMSLIM_SHARED to its folder)")
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    """tiny(arch, tied=False, gqa=True) -> path of a saved tiny random model (built once per session)."""
+    from tiny_models import save_tiny
+
+    cache: dict = {}
+
+    def make(arch: str, **kw) -> Path:
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in cache:
+            name = arch + "".join(f"-{k}{v}" for k, v in sorted(kw.items()))
+            cache[key] = save_tiny(arch, tmp_path_factory.mktemp(name), **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _quiet_transformers():
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
