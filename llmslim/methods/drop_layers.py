@@ -7,6 +7,7 @@ one decoder layer at a time:
 - angular (Gromov et al. 2024): the block of `count` consecutive layers whose first input and last output
   are closest in angular distance arccos(cos)/pi, measured on each window's last token.
 - last: the `count` layers just before the final one (which Gromov et al. find essential), no data.
+- random: `count` layers drawn with the recipe's seed (never the final one), the baseline for the others.
 The surgery itself streams: kept layers are copied tensor by tensor and renumbered, never loaded as modules.
 """
 
@@ -32,8 +33,9 @@ class DropLayersConfig(MethodConfig):
     """How many layers to remove (chosen by `criterion`)."""
     layers: list[int] | None = None
     """Exactly which layers to remove (0-based indices); overrides `criterion`."""
-    criterion: Literal["block_influence", "angular", "last"] = "block_influence"
-    """How `count` layers are chosen: block_influence (ShortGPT), angular (Gromov et al.) or last."""
+    criterion: Literal["block_influence", "angular", "last", "random"] = "block_influence"
+    """How `count` layers are chosen: block_influence (ShortGPT), angular (Gromov et al.), last (the
+    layers before the final one) or random (seeded baseline)."""
     data: str | None = None
     """Calibration source (from `data:`) for block_influence and angular."""
 
@@ -43,13 +45,16 @@ class DropLayersConfig(MethodConfig):
             raise ValueError("give exactly one of 'count' (with a criterion) or 'layers' (explicit indices)")
         if self.layers is not None and not self.layers:
             raise ValueError("'layers' is empty: list at least one layer index")
-        if self.count is not None and self.criterion != "last" and self.data is None:
+        if self.count is not None and self.criterion in DATA_CRITERIA and self.data is None:
             raise ValueError(f"criterion '{self.criterion}' measures the model on text: set 'data' to a "
-                             "source from data:, or use criterion 'last'")
+                             "source from data:, or use criterion 'last' or 'random'")
         return self
 
     def data_source(self) -> str | None:
-        return self.data if self.layers is None and self.criterion != "last" else None
+        return self.data if self.layers is None and self.criterion in DATA_CRITERIA else None
+
+
+DATA_CRITERIA = ("block_influence", "angular")
 
 
 # ---------------------------------------------------------------- pure cores: scores -> layers
@@ -103,6 +108,9 @@ def choose_layers(ctx: StageContext, cfg: DropLayersConfig, n_layers: int) -> tu
     assert cfg.count is not None
     if cfg.criterion == "last":
         return list(range(n_layers - 1 - cfg.count, n_layers - 1)), {}
+    if cfg.criterion == "random":
+        g = torch.Generator().manual_seed(ctx.seed)
+        return sorted(torch.randperm(n_layers - 1, generator=g)[: cfg.count].tolist()), {}
     influence, boundaries = _measure(ctx)
     notes: dict = {"block_influence": [round(v, 6) for v in influence]}
     if cfg.criterion == "block_influence":
@@ -143,7 +151,7 @@ def plan(state: PlanState, cfg: DropLayersConfig) -> PlanState:
         drop = set(cfg.layers)
     else:
         assert cfg.count is not None
-        limit = n - 2 if cfg.criterion == "last" else n - 1
+        limit = n - 2 if cfg.criterion in ("last", "random") else n - 1
         if cfg.count > limit:
             raise PlanError("count", f"cannot drop {cfg.count} of {n} layers with criterion '{cfg.criterion}'; "
                                      f"at most {limit}")
