@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import re
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -40,8 +41,10 @@ class Architecture:
     moe: MoeLayout | None = None
 
 
-_QWEN_MOE = dict(disk_block="mlp", disk_proj=("gate_proj", "up_proj", "down_proj"), experts_field="num_experts",
-                 width_field="moe_intermediate_size", dense_layers=True)
+def _qwen_moe(shared_width_field: str | None = None) -> MoeLayout:
+    return MoeLayout(disk_block="mlp", disk_proj=("gate_proj", "up_proj", "down_proj"), experts_field="num_experts",
+                     width_field="moe_intermediate_size", shared_width_field=shared_width_field, dense_layers=True)
+
 
 ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
     Architecture("llama", "LlamaForCausalLM"),
@@ -51,9 +54,8 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
     Architecture("mixtral", "MixtralForCausalLM", moe=MoeLayout(
         disk_block="block_sparse_moe", disk_proj=("w1", "w3", "w2"), experts_field="num_local_experts",
         width_field="intermediate_size")),
-    Architecture("qwen2_moe", "Qwen2MoeForCausalLM",
-                 moe=MoeLayout(**_QWEN_MOE, shared_width_field="shared_expert_intermediate_size")),
-    Architecture("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True, moe=MoeLayout(**_QWEN_MOE)),
+    Architecture("qwen2_moe", "Qwen2MoeForCausalLM", moe=_qwen_moe("shared_expert_intermediate_size")),
+    Architecture("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True, moe=_qwen_moe()),
 ]}
 
 
@@ -101,27 +103,27 @@ class Adapter:
 
     # ------------------------------------------------------------------ where things are (in memory)
 
-    def layers(self, model: nn.Module) -> nn.ModuleList:
+    def layers(self, model: Any) -> nn.ModuleList:
         """The decoder layers of a *ForCausalLM model."""
-        return model.model.layers  # type: ignore[return-value]
+        return model.model.layers
 
-    def attention(self, layer: nn.Module) -> nn.Module:
+    def attention(self, layer: Any) -> nn.Module:
         """The attention module: q_proj, k_proj, v_proj, o_proj (and q_norm/k_norm for Qwen3)."""
-        return layer.self_attn  # type: ignore[return-value]
+        return layer.self_attn
 
-    def mlp(self, layer: nn.Module) -> nn.Module:
+    def mlp(self, layer: Any) -> nn.Module:
         """The feed-forward block: a dense MLP (gate_proj/up_proj/down_proj) or a sparse MoE block."""
-        return layer.mlp  # type: ignore[return-value]
+        return layer.mlp
 
-    def experts(self, layer: nn.Module) -> nn.Module | None:
+    def experts(self, layer: Any) -> nn.Module | None:
         """The fused experts module (gate_up_proj [E, 2I, H], down_proj [E, H, I]), or None."""
         return getattr(layer.mlp, "experts", None)
 
-    def router(self, layer: nn.Module) -> nn.Module | None:
+    def router(self, layer: Any) -> nn.Module | None:
         """The router (its `weight` is [E, H]), or None for a dense layer."""
         return layer.mlp.gate if self.experts(layer) is not None else None
 
-    def shared_expert(self, layer: nn.Module) -> nn.Module | None:
+    def shared_expert(self, layer: Any) -> nn.Module | None:
         """Qwen2-MoE's always-on expert (a dense MLP), or None."""
         return getattr(layer.mlp, "shared_expert", None)
 

@@ -132,13 +132,6 @@ def transformers_tokens(model_dir: str | Path, prompts: list[list[int]]) -> list
     return greedy(model, prompts)
 
 
-def vllm_tokens(model_dir: str | Path, prompts: list[list[int]], *, generate: bool = True,
-                dtype: str = "float32", timeout: float = 900) -> dict:
-    """Run vLLM on the export in a child process; returns the worker's result for this model."""
-    return run_vllm_jobs([dict(model=str(model_dir), dtype=dtype, prompts=prompts, max_tokens=MAX_NEW_TOKENS,
-                               max_model_len=_max_len(model_dir, prompts), generate=generate)], timeout)[0]
-
-
 def _max_len(model_dir: str | Path, prompts: list[list[int]]) -> int:
     cfg = AutoConfig.from_pretrained(model_dir)
     need = max(len(p) for p in prompts) + MAX_NEW_TOKENS + 8
@@ -164,38 +157,65 @@ def run_vllm_jobs(jobs: list[dict], timeout: float = 900) -> list[dict]:
         return results
 
 
+def _fail(backend: str, detail: str, tokens: list[list[int]] | None = None) -> CheckResult:
+    return CheckResult(backend, False, detail=detail, tokens=tokens or [])
+
+
+def check_exports(model_dirs: list[str | Path], backend: str = "vllm",
+                  references: list[torch.nn.Module | None] | None = None) -> list[CheckResult]:
+    """Check several exports; vLLM loads them one after another in a single child process.
+
+    transformers: each loads and generates, and (with a reference, the model before export) gives the
+    same greedy tokens as that model. vllm: additionally vLLM serves it with exactly transformers'
+    greedy tokens. Results say what failed; nothing is raised for a failing model."""
+    dirs = [Path(d) for d in model_dirs]
+    references = references or [None] * len(dirs)
+    results: list[CheckResult | None] = [None] * len(dirs)
+    jobs, waiting = [], []
+    for k, (d, reference) in enumerate(zip(dirs, references)):
+        cfg = AutoConfig.from_pretrained(d)
+        prompts = prompt_ids(d, cfg.vocab_size)
+        hf = transformers_tokens(d, prompts)
+        if reference is not None:
+            diff = _first_difference(greedy(reference, prompts), hf)
+            if diff:
+                results[k] = _fail(backend, f"{d}: the export reloaded in transformers differs from the model "
+                                            f"before export: {diff}")
+                continue
+        if backend == "transformers":
+            results[k] = CheckResult("transformers", True, len(prompts), tokens=hf, detail="loads in transformers"
+                                     + ("; same greedy tokens as before export" if reference is not None else ""))
+            continue
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        if not torch.cuda.is_available() and head_dim not in VLLM_CPU_HEAD_DIMS:
+            results[k] = _fail("vllm", f"{d}: head_dim {head_dim} is not supported by vLLM's CPU attention "
+                                       f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); use export.check: "
+                                       "transformers")
+            continue
+        can_run, why = cpu_can_run(d) if not torch.cuda.is_available() else (True, "")
+        jobs.append(dict(model=str(d), dtype="float32", prompts=prompts, max_tokens=MAX_NEW_TOKENS,
+                         max_model_len=_max_len(d, prompts), generate=can_run))
+        waiting.append((k, hf, why))
+    for (k, hf, why), res in zip(waiting, run_vllm_jobs(jobs) if jobs else []):
+        d, n = dirs[k], len(hf)
+        if not res.get("loaded"):
+            results[k] = _fail("vllm", f"{d}: vLLM could not load the export: {res.get('error')}", hf)
+        elif why:
+            results[k] = CheckResult("vllm", True, n, generated=False, tokens=hf,
+                                     detail=f"vLLM loads the export; generation not possible here: {why}")
+        elif "generate_error" in res:
+            results[k] = _fail("vllm", f"{d}: vLLM loaded the export but generation failed: {res['generate_error']}", hf)
+        elif diff := _first_difference(hf, res["tokens"]):
+            results[k] = _fail("vllm", f"{d}: vLLM and transformers disagree: {diff} (transformers vs vLLM)", hf)
+        else:
+            results[k] = CheckResult("vllm", True, n, tokens=hf,
+                                     detail=f"vLLM and transformers agree on {n} x {MAX_NEW_TOKENS} greedy tokens")
+    return [r for r in results if r is not None]
+
+
 def check_export(model_dir: str | Path, backend: str = "vllm", *, reference: torch.nn.Module | None = None) -> CheckResult:
-    """Check an export. transformers: it loads and generates, and (with `reference`, the model before
-    export) gives the same greedy tokens as that model. vllm: additionally vLLM serves it with exactly
-    transformers' greedy tokens. Raises CheckError on any disagreement."""
-    model_dir = Path(model_dir)
-    cfg = AutoConfig.from_pretrained(model_dir)
-    prompts = prompt_ids(model_dir, cfg.vocab_size)
-    hf = transformers_tokens(model_dir, prompts)
-    if reference is not None:
-        ref = greedy(reference, prompts)
-        diff = _first_difference(ref, hf)
-        if diff:
-            raise CheckError(f"{model_dir}: the export reloaded in transformers differs from the model before "
-                             f"export: {diff}")
-    if backend == "transformers":
-        return CheckResult("transformers", True, len(prompts), tokens=hf,
-                           detail="loads in transformers" + ("; same greedy tokens as before export" if reference else ""))
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    if not torch.cuda.is_available() and head_dim not in VLLM_CPU_HEAD_DIMS:
-        raise CheckError(f"{model_dir}: head_dim {head_dim} is not supported by vLLM's CPU attention "
-                         f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); use export.check: transformers")
-    can_run, why = cpu_can_run(model_dir) if not torch.cuda.is_available() else (True, "")
-    res = vllm_tokens(model_dir, prompts, generate=can_run)
-    if not res.get("loaded"):
-        raise CheckError(f"{model_dir}: vLLM could not load the export: {res.get('error')}")
-    if not can_run:
-        return CheckResult("vllm", True, len(prompts), generated=False, tokens=hf,
-                           detail=f"vLLM loads the export; generation not possible here: {why}")
-    if "generate_error" in res:
-        raise CheckError(f"{model_dir}: vLLM loaded the export but generation failed: {res['generate_error']}")
-    diff = _first_difference(hf, res["tokens"])
-    if diff:
-        raise CheckError(f"{model_dir}: vLLM and transformers disagree: {diff} (transformers vs vLLM)")
-    return CheckResult("vllm", True, len(prompts), tokens=hf,
-                       detail=f"vLLM and transformers agree on {len(prompts)} x {MAX_NEW_TOKENS} greedy tokens")
+    """Check one export (see check_exports); raises CheckError when it fails."""
+    result = check_exports([model_dir], backend, [reference])[0]
+    if not result.passed:
+        raise CheckError(result.detail)
+    return result

@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import init_empty_weights
@@ -99,7 +100,7 @@ def _by_file(names: Iterable[str], files: dict[str, Path]) -> dict[Path, list[st
     return groups
 
 
-def _tie(model: nn.Module, config: PretrainedConfig) -> None:
+def _tie(model: Any, config: PretrainedConfig) -> None:
     if getattr(config, "tie_word_embeddings", False):
         model.lm_head.weight = model.get_input_embeddings().weight
 
@@ -236,7 +237,7 @@ class CheckpointWriter:
             config.save_pretrained(self.path)
 
 
-def save_model(model: nn.Module, adapter: Adapter, path: str | Path, *, max_shard_bytes: int = 2 * 10**9) -> None:
+def save_model(model: Any, adapter: Adapter, path: str | Path, *, max_shard_bytes: int = 2 * 10**9) -> None:
     """Write a whole in-memory model as a checkpoint (layer by layer, through CheckpointWriter)."""
     writer = CheckpointWriter(path, max_shard_bytes=max_shard_bytes)
     writer.add_state(adapter, model.state_dict(), model.config)

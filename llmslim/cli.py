@@ -41,7 +41,8 @@ class RichProgress(Progress):
     """Live progress bars on the terminal (stderr), one per task."""
 
     def __init__(self, console: Any):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress as Bars, TextColumn, TimeElapsedColumn
+        from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import Progress as Bars
 
         self.bars = Bars(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                          console=console, transient=False)
@@ -51,9 +52,9 @@ class RichProgress(Progress):
 
 
 def _setup(quiet: bool) -> tuple[Any, Progress]:
+    import transformers
     from rich.console import Console
     from rich.logging import RichHandler
-    import transformers
 
     transformers.utils.logging.disable_progress_bar()  # our own progress display replaces tqdm bars
     transformers.utils.logging.set_verbosity_error()
@@ -75,7 +76,7 @@ def _stdout() -> Any:
 def plan_table(rows: list) -> Any:
     from rich.table import Table
 
-    from .report import human_bytes, human_count
+    from .report import human_bytes
 
     table = Table(title="plan")
     for col in ("stage", "layers", "heads", "KV", "head_dim", "FFN", "experts", "params", "bytes"):
@@ -169,16 +170,19 @@ def cmd_check(args: argparse.Namespace, console: Any, progress: Progress) -> int
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmslim", description="Compress LLMs with one YAML recipe; export for vLLM.")
     sub = p.add_subparsers(dest="command", required=True)
-    overrides = dict(action="append", default=[], metavar="KEY.PATH=VALUE",
-                     help="override a recipe field, e.g. --set stages.0.count=2 (repeatable)")
+
+    def add_overrides(cmd: argparse.ArgumentParser) -> None:
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                         help="override a recipe field, e.g. --set stages.0.count=2 (repeatable)")
+
     r = sub.add_parser("run", help="run a recipe: stages, export, check, report")
     r.add_argument("recipe")
-    r.add_argument("--set", **overrides)
+    add_overrides(r)
     r.add_argument("--fresh", action="store_true", help="discard earlier progress of this recipe's output")
     r.add_argument("--quiet", action="store_true", help="log lines only, no live display")
     v = sub.add_parser("validate", help="validate a recipe and print the plan; runs nothing")
     v.add_argument("recipe")
-    v.add_argument("--set", **overrides)
+    add_overrides(v)
     v.add_argument("--quiet", action="store_true")
     c = sub.add_parser("check", help="check an exported model in vLLM and transformers")
     c.add_argument("dir")

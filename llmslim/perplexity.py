@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -32,12 +33,12 @@ def _batch_size(seq_len: int, vocab: int, budget_bytes: int = 512 * 2**20) -> in
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, *, batch_size: int | None = None,
+def perplexity(model: Any, windows: torch.Tensor, *, batch_size: int | None = None,
                on_batch: Callable[[int], None] | None = None) -> Perplexity:
     """Perplexity of `model` on token windows [N, S] (see module docstring)."""
     n, seq_len = windows.shape
     device = next(model.parameters()).device
-    bs = batch_size or _batch_size(seq_len, model.config.vocab_size)
+    bs = batch_size or _batch_size(seq_len, int(model.config.vocab_size))
     total, count = 0.0, 0
     for start in range(0, n, bs):
         batch = windows[start: start + bs].to(device)

@@ -14,8 +14,8 @@ import os
 import re
 import shutil
 import time
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -235,8 +235,10 @@ def run(recipe: Recipe, *, fresh: bool = False, progress: Progress | None = None
                            parse_size(recipe.spec.export.max_shard_size))
         log.info("%s: starting", stage.label)
         started = time.perf_counter()
+        method_run = methods[stage.method].run
+        assert method_run is not None, f"{stage.method} is not implemented"
         with PeakMemory() as mem:
-            result = methods[stage.method].run(ctx, stage.config)
+            result = method_run(ctx, stage.config)
         seconds = time.perf_counter() - started
         out = Checkpoint(tmp)
         planned, produced = states[stage.index + 1].shape, out.adapter.shape(out.config)

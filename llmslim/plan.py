@@ -49,7 +49,8 @@ class PlanState:
 
     def size(self) -> tuple[int, int]:
         """(parameters, bytes on disk) of a model with this config."""
-        return _size(json.dumps(self.config.to_dict(), sort_keys=True, default=str), self.dtype, self.quant)
+        quant: Any = self.quant  # quantization formats are frozen dataclasses: hashable cache keys
+        return _size(json.dumps(self.config.to_dict(), sort_keys=True, default=str), self.dtype, quant)
 
 
 def meta_model(config: PretrainedConfig, dtype: torch.dtype) -> torch.nn.Module:
@@ -101,6 +102,7 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
             problems.append(f"{recipe.where(('stages', stage.index))}: stages[{stage.index}]: nothing can follow "
                             f"the quantization in stages[{quantized_at}]; put quantization last")
             break
+        assert method.plan is not None, f"{stage.method} has no plan"
         try:
             state = method.plan(state, stage.config)
         except PlanError as e:

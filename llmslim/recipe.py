@@ -12,7 +12,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -160,7 +160,7 @@ class Recipe:
         """Hash of everything that determines the checkpoint after stage `upto` (inclusive): model, dtype,
         seed, the stages so far and the data they read. Changing eval/export/push does not invalidate it."""
         d = self.as_dict()
-        used = {s.config.data_source() for s in self.stages[: upto + 1]} - {None}
+        used = {n for s in self.stages[: upto + 1] if (n := s.config.data_source()) is not None}
         key = {
             "model": d["model"], "revision": d["revision"], "dtype": d["dtype"], "seed": d["seed"],
             "stages": d["stages"][: upto + 1], "data": {k: d["data"][k] for k in sorted(used)},
@@ -272,23 +272,26 @@ def _field_names(model: type[BaseModel]) -> list[str]:
     return list(model.model_fields)
 
 
+def _model_class(ann: Any) -> type[BaseModel] | None:
+    """The pydantic model inside an annotation (`X`, `X | None`), if any."""
+    for a in (ann, *get_args(ann)):
+        if isinstance(a, type) and issubclass(a, BaseModel):
+            return a
+    return None
+
+
 def _model_at(root: type[BaseModel], path: Path_) -> type[BaseModel] | None:
     """The pydantic model class that owns the mapping at `path` (to list its allowed fields)."""
-    model: Any = root
+    ann: Any = root
     for part in path:
-        if isinstance(part, int) or model is None:
+        if get_origin(ann) in (list, tuple, dict):
+            ann = get_args(ann)[-1]  # element type (list/tuple) or value type (dict)
             continue
-        if model is RecipeModel and part == "data":
-            model = "data"
-            continue
-        if model == "data":
-            model = DataSource
-            continue
-        info = model.model_fields.get(part) if isinstance(model, type) else None
-        ann = getattr(info, "annotation", None)
-        model = next((a for a in getattr(ann, "__args__", (ann,)) if isinstance(a, type)
-                      and issubclass(a, BaseModel)), None)
-    return model if isinstance(model, type) else None
+        model = _model_class(ann)
+        if model is None or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+    return _model_class(ann)
 
 
 def _describe(err: dict[str, Any], owner: type[BaseModel] | None) -> str:
@@ -313,10 +316,10 @@ def _describe(err: dict[str, Any], owner: type[BaseModel] | None) -> str:
 def _pydantic_problems(e: ValidationError, model: type[BaseModel], prefix: Path_, filename: str,
                        lines: dict[Path_, int]) -> list[str]:
     problems = []
-    errors = []
-    for err in e.errors():
+    errors: list[dict[str, Any]] = []
+    for raw in e.errors():
         # Drop pydantic's union/tagged-type noise from locations (e.g. 'tuple[float, float]').
-        errors.append({**err, "loc": tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))})
+        errors.append({**raw, "loc": tuple(p for p in raw["loc"] if not (isinstance(p, str) and "[" in p))})
     # A misspelt required field is one mistake, not two: report the unknown key with its suggestion only.
     misspelt = set()
     for err in errors:

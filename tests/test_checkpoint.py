@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny_models import ARCHS
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
 
 from llmslim.adapters import ARCHITECTURES, Adapter
@@ -13,7 +14,6 @@ from llmslim.checkpoint import Checkpoint, CheckpointWriter, LazyModel, save_mod
 from llmslim.errors import UserError
 from llmslim.export import verify_shapes
 from llmslim.plan import PlanState
-from tiny_models import ARCHS
 
 VARIANTS = [(a, tied, gqa) for a in ARCHS for tied in (False, True) for gqa in (True, False)]
 

@@ -13,13 +13,13 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from tiny_models import ARCHS, add_tokenizer, sample_text
 from transformers import AutoModelForCausalLM
 
 from llmslim.checkpoint import Checkpoint
 from llmslim.errors import UserError
 from llmslim.pipeline import run
 from llmslim.recipe import parse_recipe
-from tiny_models import ARCHS, add_tokenizer, sample_text
 
 
 def make_recipe(tmp_path: Path, model: Path, stages: list, **extra) -> str:
