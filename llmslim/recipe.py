@@ -33,8 +33,8 @@ class DataSource(Strict):
     """A named text source: a local file or a `datasets` dataset, cut into token windows."""
 
     path: str | None = None
-    """Local text file: .txt (documents separated by blank lines), .jsonl (one JSON object per line,
-    text in `field`) or .parquet (text in column `field`)."""
+    """Local text file: .txt (read as it is), .jsonl (one JSON object per line, text in `field`) or
+    .parquet (text in column `field`); rows are joined with blank lines."""
     dataset: str | None = None
     """A `datasets` dataset id or local dataset directory, instead of `path` (e.g. `wikitext`)."""
     name: str | None = None
@@ -44,8 +44,9 @@ class DataSource(Strict):
     field: str = "text"
     """The field (jsonl, datasets) or column (parquet) that holds the text."""
     fraction: tuple[float, float] = (0.0, 1.0)
-    """The part of the source to use, as [start, end) fractions of its documents, so that one file can
-    give disjoint calibration and evaluation parts (e.g. [0.0, 0.5] and [0.5, 1.0])."""
+    """The part of the source to use, as [start, end) fractions of its rows (of its characters, cut at
+    line starts, for .txt), so that one file gives disjoint calibration and evaluation parts (e.g.
+    [0.0, 0.5] and [0.5, 1.0])."""
     samples: int | None = Field(default=None, gt=0)
     """How many windows of `seq_len` tokens to use; null: all the windows the text holds."""
     seq_len: int = Field(default=512, gt=1)
@@ -112,8 +113,11 @@ class RecipeModel(Strict):
     stages: list[Any] = []
     """Compression stages, applied in order: each is `method:` plus that method's parameters."""
     export: ExportConfig = ExportConfig()
+    """How the final model is written and checked (see `export`)."""
     eval: EvalConfig = EvalConfig()
+    """What is measured before and after (see `eval`)."""
     push: PushConfig | None = None
+    """Upload to the Hugging Face Hub (comes in a later release; refused for now)."""
 
     @field_validator("device")
     @classmethod
