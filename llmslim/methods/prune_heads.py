@@ -1,0 +1,176 @@
+"""prune_heads: remove attention heads, a key/value head together with its query heads.
+
+Grouped-query attention is pruned in groups: KV head j and its G = heads / kv query heads go or stay
+together, so heads % kv_heads == 0 and head_dim are unchanged and the result is a standard config
+(multi-head models are the case G = 1). The matching rows of q/k/v (and their biases, Qwen2) and the
+matching input columns of o_proj are removed; Qwen3's q_norm/k_norm act on head_dim and are kept as
+they are. Every layer keeps the same number of heads (one `num_key_value_heads` for all layers is what
+vLLM and transformers build from); per-layer counts are refused. Qwen2 and Qwen2-MoE are refused too:
+vLLM derives their head_dim from hidden_size / num_attention_heads, so fewer heads would not load there.
+
+Criteria (score of a KV group; the lowest-scoring groups go, in every layer):
+- activation (Minitron): L2 norm of each query head's attention output (o_proj's input) per token,
+  averaged over a window's tokens, L2 over windows; a group scores the sum of its query heads. Measured
+  one decoder layer at a time; layer i+1 is measured on what pruned layer i produces.
+- magnitude: L2 norm of the group's weights (q/k/v rows with biases, o_proj columns); no data.
+- taylor (LLM-Pruner, first order): sum over the group's weights of |dL/dw * w|, the gradient of the
+  language-model loss on the calibration windows. Needs the whole model in memory.
+- random: seeded by the recipe's seed; the baseline.
+
+The measuring, selection and streaming are `structured.run_structured`, shared with prune_ffn.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from pydantic import Field, field_validator, model_validator
+from torch import nn
+
+from ..plan import PlanError, PlanState
+from ..registry import Method, MethodConfig, register
+from ..stage import StageContext, StageResult
+from . import importance as imp
+from .structured import (
+    DATA_CRITERIA,
+    Collector,
+    Criterion,
+    LayerPruner,
+    check_criterion,
+    refuse_per_layer,
+    run_structured,
+    slice_linear,
+    unit_scores,
+)
+
+# Families whose vLLM implementation (0.32) ignores config.head_dim and computes hidden_size / heads:
+# removing heads there yields checkpoints vLLM cannot load, so the plan refuses it.
+HEAD_DIM_FROM_HIDDEN = ("qwen2", "qwen2_moe")
+
+
+class PruneHeadsConfig(MethodConfig):
+    """Remove attention heads: give `kv_heads` (the count to keep) or `ratio` (the fraction to remove).
+    Not for Qwen2/Qwen2-MoE, whose head_dim vLLM derives from hidden_size / num_attention_heads."""
+
+    kv_heads: int | None = Field(default=None, gt=0)
+    """KV heads to keep in every layer; their query heads stay with them (heads / kv_heads is unchanged)."""
+    ratio: float | None = Field(default=None, gt=0, lt=1)
+    """Fraction of heads to remove in every layer, in whole KV groups: kept KV heads = kv * (1 - ratio)
+    rounded to the nearest (halves remove more); must keep at least one and remove at least one."""
+    criterion: Criterion = "activation"
+    """How heads are ranked: activation (Minitron), magnitude (weights only), taylor (LLM-Pruner; whole
+    model in memory) or random (seeded baseline)."""
+    data: str | None = None
+    """Calibration source (from `data:`) for activation and taylor."""
+
+    @field_validator("kv_heads", "ratio", mode="before")
+    @classmethod
+    def _uniform(cls, v: Any) -> Any:
+        return refuse_per_layer(v, "head counts")
+
+    @model_validator(mode="after")
+    def _check(self) -> PruneHeadsConfig:
+        if (self.kv_heads is None) == (self.ratio is None):
+            raise ValueError("give exactly one of 'kv_heads' (KV heads to keep) or 'ratio' (fraction to remove)")
+        check_criterion(self.criterion, self.data)
+        return self
+
+    def data_source(self) -> str | None:
+        return self.data if self.criterion in DATA_CRITERIA else None
+
+
+# ---------------------------------------------------------------- plan
+
+
+def plan(state: PlanState, cfg: PruneHeadsConfig) -> PlanState:
+    s = state.shape
+    group = s.heads // s.kv_heads
+    if cfg.kv_heads is not None:
+        if cfg.kv_heads >= s.kv_heads:
+            raise PlanError("kv_heads", f"the model has {s.kv_heads} KV heads per layer; kv_heads must be fewer "
+                                        f"(1-{s.kv_heads - 1}) to remove any" if s.kv_heads > 1 else
+                            "the model has a single KV head per layer: there is no head group to remove")
+        keep = cfg.kv_heads
+    else:
+        assert cfg.ratio is not None
+        keep = imp.kept_from_ratio(s.kv_heads, cfg.ratio)
+        if keep == 0:
+            raise PlanError("ratio", f"ratio {cfg.ratio} would remove all {s.kv_heads} KV heads (with their query "
+                                     f"heads); at most {1 - 1 / s.kv_heads:.4g} keeps one")
+        if keep == s.kv_heads:
+            raise PlanError("ratio", f"ratio {cfg.ratio} removes no head: heads go in groups of {group} query "
+                                     f"heads per KV head and the model has {s.kv_heads} KV heads, so the "
+                                     f"smallest step is {1 / s.kv_heads:.4g}")
+    if state.config.model_type in HEAD_DIM_FROM_HIDDEN and keep * group * s.head_dim != s.hidden:
+        raise PlanError("kv_heads" if cfg.kv_heads is not None else "ratio",
+                        f"{state.config.model_type} models cannot lose heads: vLLM derives their head_dim as "
+                        f"hidden_size / num_attention_heads ({s.hidden} / {keep * group} after pruning) instead of "
+                        f"reading head_dim ({s.head_dim}) from config.json, so the export would not load; prune "
+                        "FFN channels or drop layers instead")
+    return state.with_config(state.adapter.with_heads(state.config, keep * group, keep))
+
+
+# ---------------------------------------------------------------- heads
+
+
+class _HeadStats(Collector):
+    def __init__(self, heads: int, kv: int, head_dim: int):
+        super().__init__()
+        self.kv, self.head_dim = kv, head_dim
+        self.agg = imp.Aggregate(heads)
+
+    def o_proj_input(self, x: torch.Tensor) -> None:  # [B, S, heads * head_dim]
+        self.agg.add(imp.head_output_norms(x, self.head_dim))
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        return {"attention": imp.group_sum(self.agg.scores(), self.kv)}
+
+
+class HeadPruner(LayerPruner):
+    def targets(self, layer: nn.Module, index: int) -> dict[str, int]:
+        return {"attention": self.adapter.shape(self.target).kv_heads}
+
+    def _shape(self) -> tuple[int, int, int]:
+        s = self.adapter.shape(self.config)
+        return s.heads, s.kv_heads, s.head_dim
+
+    def collector(self, layer: nn.Module, index: int) -> Collector:
+        heads, kv, hd = self._shape()
+        col = _HeadStats(heads, kv, hd)
+        col.hook(self.adapter.attention(layer).o_proj, col.o_proj_input)
+        return col
+
+    def weight_scores(self, layer: nn.Module, index: int, taylor: bool) -> dict[str, torch.Tensor]:
+        _, kv, _ = self._shape()
+        attn: Any = self.adapter.attention(layer)
+        total = torch.zeros(kv, dtype=torch.float64)
+        for name, dim in (("q_proj", 1), ("k_proj", 1), ("v_proj", 1), ("o_proj", 0)):
+            lin: Any = attn.get_submodule(name)
+            total += imp.group_sum(unit_scores(lin.weight, dim, taylor), kv)
+            if dim == 1 and getattr(lin, "bias", None) is not None:  # Qwen2's q/k/v biases
+                total += imp.group_sum(unit_scores(lin.bias, 1, taylor), kv)
+        return {"attention": total if taylor else total.sqrt()}
+
+    def edit(self, layer: nn.Module, kept: dict[str, Any]) -> None:
+        heads, kv, hd = self._shape()
+        kept_kv = kept["attention"]
+        q_heads = imp.query_heads(kept_kv, heads // kv)
+        attn = self.adapter.attention(layer)
+        slice_linear(attn.q_proj, rows=imp.head_rows(q_heads, hd))
+        slice_linear(attn.k_proj, rows=imp.head_rows(kept_kv, hd))
+        slice_linear(attn.v_proj, rows=imp.head_rows(kept_kv, hd))
+        slice_linear(attn.o_proj, cols=imp.head_rows(q_heads, hd))
+        # q_norm/k_norm (Qwen3) normalise each head over head_dim: shared by all heads, nothing to cut.
+
+
+def run(ctx: StageContext, cfg: PruneHeadsConfig) -> StageResult:
+    before, after = ctx.before.shape, ctx.after.shape
+    pruner = HeadPruner(ctx.source.adapter, ctx.source.config, ctx.after.config)
+    result = run_structured(ctx, cfg.criterion, pruner, "pruning heads")
+    result.notes = {"heads": f"{before.heads} -> {after.heads}", "kv_heads": f"{before.kv_heads} -> {after.kv_heads}",
+                    **result.notes}
+    return result
+
+
+register(Method("prune_heads", PruneHeadsConfig, run, plan, changes_shape=True))
