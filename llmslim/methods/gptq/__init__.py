@@ -1,0 +1,253 @@
+"""gptq and rtn: weight quantization into compressed-tensors, vLLM's own checkpoint format.
+
+`core` is the tensor math (no I/O), `layer` what happens to one decoder layer, this module the stage:
+- gptq streams the model layer by layer: layer i is read from disk, calibrated on what quantized layers
+  0..i-1 produce (true-sequential), quantized, written to its own shard file and released. Host memory
+  is one layer plus the calibration activations, whatever the depth.
+- rtn is the same walk without data.
+- Every finished layer is a file in the stage's scratch directory. A killed run continues from the last
+  finished layer: earlier layers are restored from their files (bit for bit the weights the first run
+  held) and only re-run to rebuild the activations, so the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from ...adapters import layer_of
+from ...formats.compressed import QuantScheme, quantization_config_groups
+from ...layerwise import walk
+from ...plan import PlanError, PlanState, meta_model
+from ...registry import Method, register
+from ...stage import StageContext, StageResult
+from .config import (
+    GptqConfig,
+    QuantFields,
+    QuantFormat,
+    RtnConfig,
+    Target,
+    disk_name,
+    expert_names,
+    layer_targets,
+    matches,
+    resolve_ignore,
+)
+from .layer import collect_hessians, quantize_layer, restore_layer, scheme_for
+
+log = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------- plan
+
+
+def _targets_by_layer(model: Any, adapter: Any, ignore: list[str]) -> tuple[list[list[Target]], set[str]]:
+    out, used = [], set()
+    for i, layer in enumerate(adapter.layers(model)):
+        targets, hit = resolve_ignore(layer_targets(adapter, layer), adapter, f"model.layers.{i}.", ignore)
+        out.append(targets)
+        used |= hit
+    return out, used
+
+
+def plan(state: PlanState, cfg: QuantFields) -> PlanState:
+    fmt = QuantFormat.of(cfg)
+    model = meta_model(state.config, state.dtype)
+    adapter = state.adapter
+    try:
+        targets, used = _targets_by_layer(model, adapter, cfg.ignore)
+    except ValueError as e:
+        raise PlanError("ignore", str(e)) from None
+    unused = [p for p in cfg.ignore if p not in used and not matches("lm_head", p)]
+    if unused:
+        raise PlanError("ignore", f"{unused[0]!r} matches no Linear of the model; names look like "
+                                  "model.layers.0.self_attn.q_proj or model.layers.0.mlp.down_proj (a suffix such "
+                                  "as down_proj also works, or re:REGEX)")
+    widths: dict[int, list[str]] = {}
+    for i, layer in enumerate(adapter.layers(model)):
+        for t in targets[i]:
+            if t.experts:
+                experts: Any = layer.get_submodule(t.names[0])
+                n_in = {experts.gate_up_proj.shape[2]: "experts.gate_up", experts.down_proj.shape[2]: "experts.down"}
+            else:
+                n_in = {layer.get_submodule(n).in_features: n for n in t.names}
+            for width, name in n_in.items():
+                if fmt.group_for(width) is None:
+                    widths.setdefault(width, []).append(name.rsplit(".", 1)[-1])
+    if widths:
+        width, names = next(iter(widths.items()))
+        raise PlanError("group_size", f"group_size {cfg.group_size} does not divide the input width {width} of "
+                                      f"{', '.join(sorted(set(names)))}; use a group_size that divides it, -1 (per "
+                                      "channel), or per_channel_fallback: true to quantize those Linears per channel")
+    if cfg.activation_bits == 8 and any(t.experts for ts in targets for t in ts):
+        raise PlanError("activation_bits", "W8A8 int8 experts: transformers 5.19 cannot load int8 MoE experts and "
+                                           "vLLM's CPU build has no int8 MoE kernel; add 're:.*experts.*' to ignore "
+                                           "to keep the experts in the working dtype, or use weight-only bits")
+    if adapter.is_moe and any(adapter.experts(layer) is not None and not any(t.experts for t in targets[i])
+                              for i, layer in enumerate(adapter.layers(model))):
+        raise PlanError("ignore", "keeping MoE experts unquantized while other Linears are quantized: transformers "
+                                  "5.19 then expects packed experts and silently re-initialises them on load; "
+                                  "quantize the experts too (weight-only, symmetric)")
+    if not cfg.symmetric and any(t.experts for ts in targets for t in ts):
+        raise PlanError("symmetric", "asymmetric grids for MoE experts: transformers 5.19 does not read the zero "
+                                     "points of quantized experts when it loads them; use symmetric: true, or add "
+                                     "'re:.*experts.*' to ignore to keep the experts unquantized")
+    if not any(targets):
+        raise PlanError("ignore", "ignore leaves no Linear to quantize")
+    return PlanState(state.config, state.adapter, state.dtype, fmt)
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def _layer_file(scratch: Path, index: int) -> Path:
+    return scratch / f"layer-{index:05d}.safetensors"
+
+
+def _save_layer(path: Path, tensors: dict[str, torch.Tensor], notes: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+              metadata={"format": "pt", "llmslim_notes": json.dumps(notes)})
+    os.replace(tmp, path)  # a layer file exists only once it is complete
+
+
+def _load_layer(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    with safe_open(str(path), "pt") as f:
+        notes = json.loads((f.metadata() or {}).get("llmslim_notes", "{}"))
+        return {k: f.get_tensor(k) for k in f.keys()}, notes
+
+
+def _config_block(ctx: StageContext, fmt: QuantFormat, act_order: bool, model: Any,
+                  targets: list[list[Target]]) -> dict:
+    """compressed-tensors' quantization_config for what was quantized: one group targeting every Linear
+    when one scheme fits all (as llm-compressor writes it), else one group per scheme with name regexes."""
+    adapter = ctx.source.adapter
+    schemes: dict[QuantScheme, set[str]] = {}
+    quantized: set[str] = set()  # checkpoint names of the quantized dense Linears
+    for i, layer in enumerate(adapter.layers(model)):
+        prefix = f"model.layers.{i}."
+        for t in targets[i]:
+            if t.experts:
+                experts: Any = layer.get_submodule(t.names[0])
+                h, width = experts.gate_up_proj.shape[2], experts.down_proj.shape[2]
+                for gate, up, down in expert_names(adapter, prefix, experts.gate_up_proj.shape[0]):
+                    schemes.setdefault(scheme_for(fmt, h, act_order), set()).update((gate, up))
+                    schemes.setdefault(scheme_for(fmt, width, act_order), set()).add(down)
+                continue
+            for n in t.names:
+                name, lin = disk_name(adapter, prefix, n), layer.get_submodule(n)
+                schemes.setdefault(scheme_for(fmt, int(lin.in_features), act_order), set()).add(name)  # type: ignore[arg-type]
+                quantized.add(name)
+    ignore = ["lm_head"]
+    for name, module in model.named_modules():  # unquantized Linears, by their checkpoint names
+        index = layer_of(name)
+        if isinstance(module, torch.nn.Linear) and index is not None:
+            disk = disk_name(adapter, f"model.layers.{index}.", name[len(f"model.layers.{index}."):])
+            if disk not in quantized:
+                ignore.append(disk)
+    if len(schemes) == 1:
+        return quantization_config_groups([(next(iter(schemes)), ("Linear",))], ignore=ignore)
+
+    def pattern(name: str) -> str:  # layer and expert numbers generalised, anchored: groups never overlap
+        return "re:^" + re.sub(r"\\\.(layers|experts)\\\.\d+\\\.", r"\\.\1\\.\\d+\\.", re.escape(name)) + "$"
+
+    return quantization_config_groups(
+        [(s, tuple(sorted({pattern(n) for n in names}))) for s, names in schemes.items()], ignore=ignore)
+
+
+def run(ctx: StageContext, cfg: QuantFields) -> StageResult:
+    fmt = ctx.after.quant
+    assert isinstance(fmt, QuantFormat)
+    calibrate = isinstance(cfg, GptqConfig)
+    act_order = bool(getattr(cfg, "act_order", False))
+    adapter, src = ctx.source.adapter, ctx.source
+    lazy = ctx.lazy_model()
+    targets, _ = _targets_by_layer(lazy.model, adapter, cfg.ignore)
+    n = len(lazy.layers)
+    ctx.scratch_dir.mkdir(parents=True, exist_ok=True)
+    done = [i for i in range(n) if _layer_file(ctx.scratch_dir, i).is_file()]
+    resumed = len(done)
+    first_todo = next((i for i in range(n) if i not in done), n)
+    if resumed:
+        log.info("%s: %d of %d layers were quantized by an earlier run; continuing at layer %d",
+                 ctx.stage.label, resumed, n, first_todo)
+    notes_by_layer: list[dict[str, Any]] = []
+
+    def quantize(layer: torch.nn.Module, i: int, inputs: Any) -> dict[str, Any]:
+        started = time.perf_counter()
+        hessians = None
+        if calibrate:
+            assert isinstance(cfg, GptqConfig)
+            hessians = collect_hessians(layer, targets[i], inputs, ctx.device, cfg.expert_min_tokens)
+        result = quantize_layer(layer, i, adapter, targets[i], cfg, fmt, hessians, ctx.dtype)
+        notes = {**result.notes, "seconds": round(time.perf_counter() - started, 3)}
+        _save_layer(_layer_file(ctx.scratch_dir, i), result.tensors, notes)
+        return notes
+
+    label = f"{ctx.stage.label}: {'GPTQ' if calibrate else 'RTN'} W{fmt.bits}" + (
+        "A8" if fmt.activation_bits else f" g{fmt.group_size}")
+    with ctx.progress.track(label, n) as task:
+        if calibrate and first_todo < n:
+            # true-sequential: each layer sees what the quantized layers before it produce. Layers an
+            # earlier run finished are restored from their files and only re-run for their outputs.
+            for step in walk(lazy, ctx.calibration_inputs(lazy), device=ctx.device):
+                i = step.index
+                if i < first_todo:
+                    tensors, notes = _load_layer(_layer_file(ctx.scratch_dir, i))
+                    restore_layer(step.layer, i, adapter, targets[i], fmt, act_order, tensors)
+                    del tensors
+                else:
+                    notes = quantize(step.layer, i, step.inputs)
+                if i == n - 1:
+                    step.outputs = []  # nothing reads the last layer's outputs
+                notes_by_layer.append(notes)
+                task.advance()
+        else:  # rtn (or a gptq run whose layers are all done): layers are independent
+            for i in range(n):
+                if i in done:
+                    notes_by_layer.append(_load_layer(_layer_file(ctx.scratch_dir, i))[1])
+                else:
+                    notes_by_layer.append(quantize(lazy.materialize(i).to(ctx.device), i, None))
+                    lazy.release(i)
+                task.advance()
+    config = copy.deepcopy(ctx.after.config)
+    config.dtype = ctx.dtype
+    config.quantization_config = _config_block(ctx, fmt, act_order, lazy.model, targets)
+    writer = ctx.writer()
+    writer.add(src.read([k for k in src.names if layer_of(k) is None], ctx.dtype))
+    for i in range(n):
+        writer.adopt(_layer_file(ctx.scratch_dir, i))
+    writer.close(config)
+    return StageResult(config, _notes(fmt, cfg, notes_by_layer, resumed))
+
+
+def _notes(fmt: QuantFormat, cfg: QuantFields, layers: list[dict[str, Any]], resumed: int) -> dict[str, Any]:
+    notes: dict[str, Any] = {
+        "scheme": f"W{fmt.bits}A{fmt.activation_bits or 16}", "group_size": fmt.group_size,
+        "symmetric": fmt.symmetric, "ignore": list(cfg.ignore)}
+    if isinstance(cfg, GptqConfig):
+        notes.update(act_order=cfg.act_order, dampening=cfg.dampening,
+                     gptq_loss_total=float(f"{sum(sum(d.get('loss', {}).values()) for d in layers):.6g}"))
+        starved = {str(d["layer"]): d["experts_calibrated_on_all_tokens"] for d in layers
+                   if d.get("experts_calibrated_on_all_tokens")}
+        if starved:
+            notes["experts_calibrated_on_all_tokens"] = starved
+            log.warning("experts with fewer than %d routed calibration tokens were calibrated on all tokens: %s",
+                        cfg.expert_min_tokens, starved)
+    if resumed:
+        notes["layers_from_earlier_run"] = resumed
+    notes["layers"] = layers
+    return notes
+
+
+register(Method("gptq", GptqConfig, run, plan, quantizes=True))
+register(Method("rtn", RtnConfig, run, plan, quantizes=True))

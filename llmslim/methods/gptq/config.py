@@ -1,0 +1,227 @@
+"""Recipe parameters of `gptq` and `rtn`, and what the plan needs to know about their output: which
+weights get quantized (`QuantFormat.targets`), how many bytes that takes on disk, and whether vLLM can
+serve the result.
+
+Which weights: every Linear of the decoder layers (attention q/k/v/o, MLP gate/up/down, the shared
+expert of Qwen2-MoE) and every MoE expert's gate/up/down, minus `ignore`. Never quantized: embeddings,
+lm_head, norms, MoE routers and Qwen2-MoE's 1-row `shared_expert_gate` (vLLM builds those unquantized too).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from ...adapters import Adapter
+from ...registry import MethodConfig
+
+# Linears that share their input: one Hessian serves the whole group (names relative to a decoder layer).
+ATTENTION_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
+MLP_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))
+VLLM_BITS = (4, 8)  # vLLM's WNA16 kernels take 4 and 8 bits; its int8 W8A8 path takes 8
+
+
+class QuantFields(MethodConfig):
+    """Parameters shared by gptq and rtn: the integer grid and what it applies to."""
+
+    bits: Literal[2, 3, 4, 8] = 4
+    """Weight bits. vLLM serves 4 and 8; 2 and 3 export and load in transformers only."""
+    group_size: Literal[-1, 32, 64, 128] = 128
+    """Input columns sharing one scale; -1: one scale per output channel."""
+    symmetric: bool = True
+    """Symmetric grid (zero point 0, not stored); false: min-max grid with a zero point per group."""
+    activation_bits: Literal[8] | None = None
+    """8: W8A8, int8 activations quantized per token at inference (needs bits 8, symmetric, group_size
+    -1; dense models on vLLM's CPU build); null: weight-only (W{bits}A16)."""
+    ignore: list[str] = ["lm_head"]
+    """Linear modules to keep unquantized: a name suffix (`down_proj`, `model.layers.0.mlp.down_proj`) or
+    `re:` plus a regex matched against the whole name. Embeddings, lm_head, norms and MoE routers are
+    never quantized."""
+    per_channel_fallback: bool = False
+    """Quantize per output channel the Linears whose input width `group_size` does not divide (instead of
+    refusing the recipe), e.g. a 172-wide down_proj with group_size 128."""
+
+    @model_validator(mode="after")
+    def _grid(self) -> QuantFields:
+        if self.activation_bits == 8 and (self.bits != 8 or not self.symmetric or self.group_size != -1):
+            raise ValueError("activation_bits 8 (W8A8) needs bits: 8, symmetric: true and group_size: -1, the "
+                             f"scheme vLLM's int8 kernels run; found bits {self.bits}, symmetric {self.symmetric}, "
+                             f"group_size {self.group_size}")
+        for i, pattern in enumerate(self.ignore):
+            if pattern.startswith("re:"):
+                try:
+                    re.compile(pattern[3:])
+                except re.error as e:
+                    raise ValueError(f"ignore[{i}]: {pattern!r} is not a valid regex ({e})") from None
+        return self
+
+
+class GptqConfig(QuantFields):
+    """GPTQ (Frantar et al. 2022): each Linear quantized column by column, the rounding error of each column
+    compensated on the columns not yet quantized through the inverse Hessian of the layer's real inputs.
+    Layer by layer, true-sequential: every layer is calibrated on what the already-quantized layers
+    before it produce."""
+
+    act_order: bool = True
+    """Quantize columns by decreasing Hessian diagonal (most-used inputs first). With groups, each column
+    keeps its original group's scale (static groups, what vLLM loads; no g_idx)."""
+    dampening: float = Field(default=0.01, ge=0, lt=1)
+    """Added to the Hessian's diagonal, as a fraction of its mean (raised x10 if H is still singular)."""
+    block_size: int = Field(default=128, gt=0)
+    """Columns per lazy-update block: changes speed only, never the result."""
+    expert_min_tokens: int = Field(default=64, ge=0)
+    """MoE: an expert that the router sends fewer calibration tokens than this is calibrated on every
+    token of the batch instead (all-experts calibration), so that no expert is quantized blind."""
+    data: str
+    """Calibration source (from `data:`): `samples` windows of `seq_len` tokens."""
+
+
+class RtnConfig(QuantFields):
+    """Round-to-nearest on the same grid as gptq, without data: the baseline GPTQ is measured against."""
+
+
+def matches(name: str, pattern: str) -> bool:
+    """Whether module `name` matches an ignore pattern: `re:` regex (whole name) or a dotted suffix."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+# ---------------------------------------------------------------- what gets quantized
+
+
+@dataclass(frozen=True)
+class Target:
+    """Linears of one decoder layer that share their input (one Hessian), or one MoE experts module."""
+
+    names: tuple[str, ...]  # memory names relative to the layer: "self_attn.q_proj" or "mlp.experts"
+    experts: bool = False
+
+
+def layer_targets(adapter: Adapter, layer: Any) -> list[Target]:
+    """Everything quantizable in a decoder layer, before `ignore` is applied."""
+    out = [Target(g) for g in ATTENTION_GROUPS]
+    experts, shared = adapter.experts(layer), adapter.shared_expert(layer)
+    if experts is None:
+        out += [Target(tuple(f"mlp.{n}" for n in g)) for g in MLP_GROUPS]
+        return out
+    out.append(Target(("mlp.experts",), experts=True))
+    if shared is not None:
+        out += [Target(tuple(f"mlp.shared_expert.{n}" for n in g)) for g in MLP_GROUPS]
+    return out
+
+
+def disk_name(adapter: Adapter, layer_prefix: str, name: str) -> str:
+    """The checkpoint (and vLLM) name of the Linear `name` of the layer at `layer_prefix`."""
+    return next(iter(adapter.to_disk({f"{layer_prefix}{name}.weight": torch.empty(0)}))).removesuffix(".weight")
+
+
+def expert_names(adapter: Adapter, layer_prefix: str, n_experts: int) -> list[tuple[str, str, str]]:
+    """Checkpoint names of (gate, up, down) of every expert of a layer."""
+    moe = adapter.arch.moe
+    assert moe is not None
+    base = f"{layer_prefix}{moe.disk_block}.experts"
+    return [tuple(f"{base}.{e}.{p}" for p in moe.disk_proj) for e in range(n_experts)]  # type: ignore[misc]
+
+
+def resolve_ignore(targets: list[Target], adapter: Adapter, prefix: str, patterns: list[str]
+                   ) -> tuple[list[Target], set[str]]:
+    """(the targets left to quantize, the patterns that matched something). A pattern matches a Linear by
+    its memory or its checkpoint name; an experts module is ignored when all its experts' names match.
+    Raises ValueError when a pattern splits a group vLLM fuses (q/k/v, gate/up)."""
+    used: set[str] = set()
+    keep = []
+    for t in targets:
+        hit: list[str] = []
+        if t.experts:  # the experts of a layer are quantized all or none: vLLM runs them as one module
+            module, parts = f"{prefix}{t.names[0]}", expert_names(adapter, prefix, 1)[0]
+            for p in patterns:
+                each = [matches(n, p) for n in parts]
+                if matches(module, p) or all(each):
+                    hit.append(p)
+                elif any(each):
+                    raise ValueError(f"ignore {p!r} matches only some expert projections ({', '.join(parts)}); "
+                                     "keep a layer's experts all quantized or all unquantized (e.g. 're:.*experts.*')")
+        else:
+            flags: list[bool] = []
+            for n in t.names:
+                found = [p for p in patterns if matches(f"{prefix}{n}", p) or
+                         matches(disk_name(adapter, prefix, n), p)]
+                flags.append(bool(found))
+                hit += found
+            if any(flags) and not all(flags):
+                raise ValueError(f"ignore {sorted(set(hit))} keeps only some of {', '.join(t.names)} unquantized; "
+                                 "vLLM fuses them into one matrix and needs all or none quantized")
+        used.update(hit)
+        if not hit:
+            keep.append(t)
+    return keep, used
+
+
+@dataclass(frozen=True)
+class QuantFormat:
+    """How the quantization stage stores weights (the plan's WeightFormat): bytes on disk per tensor, the
+    compressed-tensors layout of every quantized Linear, and what vLLM can do with it."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    activation_bits: int | None
+    ignore: tuple[str, ...]
+    per_channel_fallback: bool
+
+    @classmethod
+    def of(cls, cfg: QuantFields) -> QuantFormat:
+        return cls(cfg.bits, cfg.group_size, cfg.symmetric, cfg.activation_bits, tuple(cfg.ignore),
+                   cfg.per_channel_fallback)
+
+    def group_for(self, in_features: int) -> int | None:
+        """The group size used for a Linear with this input width (-1 per channel), None if it does not fit."""
+        if self.group_size == -1 or in_features % self.group_size == 0:
+            return self.group_size
+        return -1 if self.per_channel_fallback else None
+
+    def linear_bytes(self, out_features: int, in_features: int, dtype: torch.dtype) -> int:
+        """Bytes of one quantized [out, in] weight as compressed-tensors stores it."""
+        gs = self.group_for(in_features) or -1
+        groups = 1 if gs == -1 else in_features // gs
+        per_word = 32 // self.bits
+        if self.activation_bits == 8:
+            weight = out_features * in_features  # int-quantized: int8
+        else:
+            weight = out_features * math.ceil(in_features / per_word) * 4 + 2 * 8  # int32 words + weight_shape
+        scale = out_features * groups * torch.empty((), dtype=dtype).element_size()
+        zero = 0 if self.symmetric else math.ceil(out_features / per_word) * groups * 4
+        return weight + scale + zero
+
+    def model_bytes(self, model: torch.nn.Module, dtype: torch.dtype) -> int:
+        """Bytes on disk of `model` (a meta-device model) with its targets quantized."""
+        adapter = Adapter.for_config(model.config)  # type: ignore[arg-type]
+        element = torch.empty((), dtype=dtype).element_size()
+        total = sum(p.numel() for p in model.parameters()) * element  # tied weights counted once
+        for i, layer in enumerate(adapter.layers(model)):
+            prefix = f"model.layers.{i}."
+            targets, _ = resolve_ignore(layer_targets(adapter, layer), adapter, prefix, list(self.ignore))
+            for t in targets:
+                if t.experts:
+                    experts: Any = layer.get_submodule(t.names[0])
+                    n, two_i, h = experts.gate_up_proj.shape
+                    total -= (experts.gate_up_proj.numel() + experts.down_proj.numel()) * element
+                    total += n * (2 * self.linear_bytes(two_i // 2, h, dtype) + self.linear_bytes(h, two_i // 2, dtype))
+                    continue
+                for name in t.names:
+                    lin: Any = layer.get_submodule(name)
+                    total += self.linear_bytes(lin.out_features, lin.in_features, dtype) - lin.weight.numel() * element
+        return total
+
+    def vllm_limitation(self) -> str | None:
+        """Why vLLM cannot serve this format at all (None when it can, somewhere)."""
+        if self.bits not in VLLM_BITS:
+            return (f"vLLM's compressed-tensors kernels take 4 or 8 weight bits, not {self.bits}: the export loads "
+                    "in transformers only; use export.check: transformers")
+        return None
