@@ -105,17 +105,63 @@ def _weight_bits(q: dict) -> tuple[int | None, int | None]:
     return None, None
 
 
+def vllm_activation_dtype(model_dir: str | Path) -> str:
+    """The dtype vLLM must run an export in: weight-only quantized formats (W4A16, W8A16) have kernels for
+    16-bit activations only (CPU: cpu_gemm_wna16; GPU: Marlin/Machete), everything else runs in float32."""
+    q = _quantization(model_dir)
+    if q is None or _weight_bits(q)[1] is not None:
+        return "float32"
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    return "float16" if cfg.get("dtype", cfg.get("torch_dtype")) == "float16" else "bfloat16"
+
+
 def cpu_can_run(model_dir: str | Path) -> tuple[bool, str]:
     """Whether vLLM's CPU build can generate with this export on this machine, and why not."""
     q = _quantization(model_dir)
     if q is None:
         return True, ""
-    wbits, _ = _weight_bits(q)
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    if wbits is not None and wbits < 8 and "avx512f" not in flags:
+    wbits, abits = _weight_bits(q)
+    # vLLM loads its AVX-512 kernel library when torch reports AVX-512 (vllm/platforms/cpu.py); only
+    # that library has the weight-only kernel.
+    if abits is None and not torch.cpu._is_avx512_supported():
         return False, (f"W{wbits}A16 loads in vLLM, but its CPU kernel (cpu_gemm_wna16) exists only in the "
                        "AVX-512 build and this CPU has AVX2 only: generation needs a GPU or an AVX-512 CPU")
     return True, ""
+
+
+# In 16-bit runs, greedy decoding may take either side of a near-tie: vLLM's token then has to be within
+# this fraction of the largest |logit| of the float32 argmax (bf16 keeps 8 significant bits: 2^-8 per
+# rounding, a few roundings deep).
+NEAR_TIE = 2**-5
+
+
+@torch.no_grad()
+def near_tie_violations(model: torch.nn.Module, prompts: list[list[int]], tokens: list[list[int]]
+                        ) -> tuple[list[str], float, int]:
+    """Teacher-force each prompt + vLLM's tokens through `model` (float32) and list every step where
+    vLLM's token is not the argmax and not within NEAR_TIE of it. Returns (violations, the largest logit
+    gap seen, how many steps were the exact argmax)."""
+    device = next(model.parameters()).device
+    bad, worst, exact = [], 0.0, 0
+    for i, (p, t) in enumerate(zip(prompts, tokens)):
+        logits = model(input_ids=torch.tensor([p + t], device=device)).logits[0, len(p) - 1: -1].float()  # [T, V]
+        top = logits.max(dim=-1).values
+        chosen = logits.gather(1, torch.tensor(t, device=device)[:, None])[:, 0]
+        gap = top - chosen
+        tol = NEAR_TIE * logits.abs().max(dim=-1).values
+        exact += int((gap == 0).sum())
+        worst = max(worst, float(gap.max()))
+        for j in (gap > tol).nonzero().flatten().tolist():
+            bad.append(f"prompt {i} token {j}: vLLM chose {t[j]}, {float(gap[j]):.4f} below the argmax "
+                       f"{int(logits[j].argmax())} (tolerance {float(tol[j]):.4f})")
+    return bad, worst, exact
+
+
+def _quantized_modules(model_dir: str | Path) -> set[str]:
+    """Names of the Linears stored quantized in a compressed-tensors export (they have a weight_scale)."""
+    from .checkpoint import Checkpoint
+
+    return {n[: -len(".weight_scale")] for n in Checkpoint(model_dir).names if n.endswith(".weight_scale")}
 
 
 def transformers_tokens(model_dir: str | Path, prompts: list[list[int]]) -> list[list[int]]:
@@ -143,6 +189,9 @@ def run_vllm_jobs(jobs: list[dict], timeout: float = 900) -> list[dict]:
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The child already isolates vLLM: run its engine core and worker in that process instead of two more
+    # (each re-imports vLLM and torch: ~16 s of a ~17 s engine start here). Checking tokens, not speed.
+    env.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     with tempfile.TemporaryDirectory(prefix="llmslim-vllm-") as tmp:
         jobs_path, out_path = Path(tmp) / "jobs.json", Path(tmp) / "result.json"
         jobs_path.write_text(json.dumps(jobs))
@@ -177,6 +226,11 @@ def check_exports(model_dirs: list[str | Path], backend: str = "vllm",
         prompts = prompt_ids(d, cfg.vocab_size)
         hf = transformers_tokens(d, prompts)
         if reference is not None:
+            q = _quantization(d)
+            if q is not None and _weight_bits(q)[1] == 8:  # compare like with like: vLLM's int8 activations
+                from .formats.compressed import emulate_activation_quant
+
+                emulate_activation_quant(reference, bits=8, only=_quantized_modules(d))
             diff = _first_difference(greedy(reference, prompts), hf)
             if diff:
                 results[k] = _fail(backend, f"{d}: the export reloaded in transformers differs from the model "
@@ -193,11 +247,14 @@ def check_exports(model_dirs: list[str | Path], backend: str = "vllm",
                                        "transformers")
             continue
         can_run, why = cpu_can_run(d) if not torch.cuda.is_available() else (True, "")
-        jobs.append(dict(model=str(d), dtype="float32", prompts=prompts, max_tokens=MAX_NEW_TOKENS,
+        jobs.append(dict(model=str(d), dtype=vllm_activation_dtype(d), prompts=prompts, max_tokens=MAX_NEW_TOKENS,
                          max_model_len=_max_len(d, prompts), generate=can_run))
         waiting.append((k, hf, why))
-    for (k, hf, why), res in zip(waiting, run_vllm_jobs(jobs) if jobs else []):
+    for job, (k, hf, why), res in zip(jobs, waiting, run_vllm_jobs(jobs) if jobs else []):
         d, n = dirs[k], len(hf)
+        if job["dtype"] != "float32" and res.get("loaded") and not why and "tokens" in res:
+            results[k] = _near_tie_result(d, job, hf, res["tokens"])
+            continue
         if not res.get("loaded"):
             results[k] = _fail("vllm", f"{d}: vLLM could not load the export: {res.get('error')}", hf)
         elif why:
@@ -211,6 +268,19 @@ def check_exports(model_dirs: list[str | Path], backend: str = "vllm",
             results[k] = CheckResult("vllm", True, n, tokens=hf,
                                      detail=f"vLLM and transformers agree on {n} x {MAX_NEW_TOKENS} greedy tokens")
     return [r for r in results if r is not None]
+
+
+def _near_tie_result(d: Path, job: dict, hf: list[list[int]], tokens: list[list[int]]) -> CheckResult:
+    """A 16-bit vLLM run judged against transformers in float32 (see near_tie_violations)."""
+    n = len(tokens)
+    bad, worst, exact = near_tie_violations(load_for_check(d), job["prompts"], tokens)
+    if bad:
+        return _fail("vllm", f"{d}: vLLM ({job['dtype']}) disagrees with transformers (float32): {bad[0]}"
+                             + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""), hf)
+    return CheckResult("vllm", True, n, tokens=tokens, detail=(
+        f"vLLM ({job['dtype']} activations, as its weight-only kernels need) agrees with transformers (float32) "
+        f"on {n} x {MAX_NEW_TOKENS} greedy tokens: {exact} are the float32 argmax, the rest near-ties "
+        f"(largest logit gap {worst:.4f})"))
 
 
 def check_export(model_dir: str | Path, backend: str = "vllm", *, reference: torch.nn.Module | None = None) -> CheckResult:

@@ -87,6 +87,16 @@ class Checkpoint:
                     out[n] = t.to(dtype) if dtype is not None and t.is_floating_point() else t
         return out
 
+    def read_dense(self, names: Iterable[str], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """Like `read`, with compressed-tensors Linears (a quantized checkpoint) decoded to dense weights."""
+        tensors = self.read(names, dtype)
+        qconfig = getattr(self.config, "quantization_config", None)
+        if qconfig is None:
+            return tensors
+        from .formats.compressed import densify
+
+        return densify(tensors, qconfig if isinstance(qconfig, dict) else qconfig.to_dict(), dtype)
+
     def layer_names(self, index: int) -> list[str]:
         return [n for n in self._files if layer_of(n) == index]
 
@@ -120,7 +130,7 @@ class LazyModel:
         self.model.eval()
         self.config = self.model.config
         outside = [n for n in ckpt.names if layer_of(n) is None and not _is_tied_head(n, self.config)]
-        self._assign("", self.adapter.from_disk(ckpt.read(outside, dtype)))
+        self._assign("", self.adapter.from_disk(ckpt.read_dense(outside, dtype)))
         _tie(self.model, self.config)
         self.layers = self.adapter.layers(self.model)
 
@@ -144,7 +154,7 @@ class LazyModel:
         """Read decoder layer `index` from disk into memory (no-op when it already is)."""
         if not self.is_materialized(index):
             names = self.ckpt.layer_names(index)
-            self._assign(f"model.layers.{index}.", self.adapter.from_disk(self.ckpt.read(names, self.dtype)))
+            self._assign(f"model.layers.{index}.", self.adapter.from_disk(self.ckpt.read_dense(names, self.dtype)))
         return self.layers[index]
 
     def release(self, index: int) -> None:
@@ -167,6 +177,8 @@ def copy_config(config: PretrainedConfig, dtype: torch.dtype) -> PretrainedConfi
     new = PretrainedConfig.from_dict(config.to_dict()) if type(config) is PretrainedConfig else \
         type(config).from_dict(config.to_dict())
     new.dtype = dtype
+    if hasattr(new, "quantization_config"):  # the in-memory model is dense (a quantized checkpoint is decoded)
+        del new.quantization_config
     return new
 
 
@@ -211,6 +223,21 @@ class CheckpointWriter:
         state = {k: v for k, v in state.items() if not _is_tied_head(k, config)}
         self.add(adapter.to_disk(state))
 
+    def adopt(self, file: str | Path) -> None:
+        """Take a complete safetensors file (checkpoint names) as the next shard, linked rather than copied
+        when the filesystem allows, so the source file stays valid until the caller removes it."""
+        self._flush()
+        number = len(self._shards) + 1
+        target = self.path / f"part-{number:05d}.safetensors"
+        try:
+            os.link(file, target)
+        except OSError:
+            shutil.copy2(file, target)
+        with safe_open(str(target), "pt") as f:
+            names = list(f.keys())
+            self.total_bytes += sum(_slice_bytes(f.get_slice(n)) for n in names)
+        self._shards.append(names)
+
     def _flush(self) -> None:
         if not self._buffer:
             return
@@ -235,6 +262,18 @@ class CheckpointWriter:
             (self.path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         else:
             config.save_pretrained(self.path)
+
+
+def _slice_bytes(sl: Any) -> int:
+    """Bytes of a tensor from its safetensors header (shape and dtype), without reading it."""
+    n = 1
+    for d in sl.get_shape():
+        n *= d
+    return n * _DTYPE_BYTES[sl.get_dtype()]
+
+
+_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+                "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def save_model(model: Any, adapter: Adapter, path: str | Path, *, max_shard_bytes: int = 2 * 10**9) -> None:

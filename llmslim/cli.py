@@ -1,4 +1,4 @@
-"""The `llmslim` command: run, validate, check.
+"""The `llmslim` command: run, validate, check, eval.
 
 User errors print one line each and exit 2; Ctrl-C exits 130 with a note on how to resume; anything
 else is a bug and keeps its traceback.
@@ -52,13 +52,16 @@ class RichProgress(Progress):
 
 
 def _setup(quiet: bool) -> tuple[Any, Progress]:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # tqdm reads TQDM_* when it is imported (by transformers, below): compressed-tensors' own bars would
+    # interleave with our display
+    os.environ.setdefault("TQDM_DISABLE", "1")
     import transformers
     from rich.console import Console
     from rich.logging import RichHandler
 
     transformers.utils.logging.disable_progress_bar()  # our own progress display replaces tqdm bars
     transformers.utils.logging.set_verbosity_error()
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     console = Console(stderr=True)
     if quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
@@ -167,6 +170,40 @@ def cmd_check(args: argparse.Namespace, console: Any, progress: Progress) -> int
     return 0
 
 
+def _int_list(text: str) -> list[int]:
+    try:
+        values = [int(x) for x in text.replace(",", " ").split()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers separated by commas, found {text!r}") from None
+    if not values or min(values) <= 0:
+        raise argparse.ArgumentTypeError(f"expected positive integers, found {text!r}")
+    return values
+
+
+def cmd_eval(args: argparse.Namespace, console: Any, progress: Progress) -> int:
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    from .evaluate.harness import EvalRequest, run_eval
+    from .evaluate.throughput import ThroughputSettings
+
+    backends = list(dict.fromkeys(args.backend or (["vllm"] if args.throughput else [])))
+    tput = ThroughputSettings(batch_sizes=tuple(args.batch_sizes), prompt_len=args.prompt_len, gen_len=args.gen_len,
+                              repeats=args.repeats, warmup=args.warmup, seed=args.seed, dtype=args.dtype)
+    req = EvalRequest(models=args.model, baseline=args.baseline, out=Path(args.out), ppl=args.ppl or [],
+                      seq_len=args.seq_len, stride=args.stride, samples=args.samples, dtype=args.dtype,
+                      backends=backends, throughput=tput, tasks=[t for x in args.tasks for t in x.split(",") if t],
+                      task_limit=args.task_limit, num_fewshot=args.num_fewshot)
+    bars = getattr(progress, "bars", None)
+    with bars if bars is not None else nullcontext():
+        run_eval(req, progress)
+    out = Path(args.out)
+    print((out / "report.md").read_text())
+    pngs = sorted(p.name for p in out.glob("*.png"))
+    console.print(f"report: {out / 'report.json'}, {out / 'report.md'}" + (f"; plots: {', '.join(pngs)}" if pngs else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmslim", description="Compress LLMs with one YAML recipe; export for vLLM.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -188,10 +225,48 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("dir")
     c.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
     c.add_argument("--quiet", action="store_true")
+    e = sub.add_parser("eval", help="measure perplexity, throughput and size; compare with a baseline",
+                       description="Evaluate MODEL (and more models) against --baseline: size always; perplexity "
+                       "with --ppl; serving throughput with --throughput / --backend; lm-eval tasks with --tasks. "
+                       "Writes report.json, report.md and PNG plots to --out.")
+    e.add_argument("model", nargs="+", help="model directory (or Hub id); several are compared side by side")
+    e.add_argument("--baseline", metavar="MODEL", help="the model the others are compared with (ratios)")
+    e.add_argument("--out", default="eval-out", metavar="DIR",
+                   help="output directory; the perplexity-vs-size plot covers every model evaluated into it "
+                        "(default: eval-out)")
+    e.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="dtype the models compute in; auto: float32 for perplexity on a CPU (the checkpoint's "
+                        "dtype on a GPU), each engine's own choice for throughput (the report says which)")
+    g = e.add_argument_group("perplexity")
+    g.add_argument("--ppl", action="append", metavar="SOURCE",
+                   help="text to measure perplexity on (repeatable): FILE[@START-END] (.txt, .jsonl, .parquet) "
+                        "or DATASET[:CONFIG[:SPLIT[:FIELD]]][@START-END], e.g. wikitext:wikitext-2-raw-v1:test "
+                        "(split default test, field default text; rows joined with blank lines)")
+    g.add_argument("--seq-len", type=int, default=2048, help="tokens per window, capped at the model's context "
+                   "(default 2048)")
+    g.add_argument("--stride", type=int, help="sliding-window stride in tokens (default: non-overlapping windows)")
+    g.add_argument("--samples", type=int, help="use only the first N windows (default: all)")
+    g = e.add_argument_group("throughput (offline serving benchmark, random-token prompts)")
+    g.add_argument("--throughput", action="store_true", help="measure throughput (with --backend, default vllm)")
+    g.add_argument("--backend", action="append", choices=["vllm", "transformers"],
+                   help="throughput backend; repeat for both (implies --throughput)")
+    g.add_argument("--batch-sizes", type=_int_list, default=[1, 8], metavar="N,N", help="default 1,8")
+    g.add_argument("--prompt-len", type=int, default=128, help="prompt tokens per request (default 128)")
+    g.add_argument("--gen-len", type=int, default=128, help="generated tokens per request (default 128)")
+    g.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (default 3)")
+    g.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per batch size (default 1)")
+    g.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    g = e.add_argument_group("downstream tasks (needs lm-eval installed)")
+    g.add_argument("--tasks", action="append", default=[], metavar="TASK,TASK",
+                   help="lm-evaluation-harness tasks: names (hellaswag, arc_easy) or paths of task YAML files "
+                        "or directories of them (offline tasks over local data); repeatable")
+    g.add_argument("--task-limit", type=int, help="examples per task (for quick looks; not comparable results)")
+    g.add_argument("--num-fewshot", type=int)
+    e.add_argument("--quiet", action="store_true")
     return p
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "check": cmd_check}
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "check": cmd_check, "eval": cmd_eval}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -20,6 +20,9 @@ from .plan import meta_model
 log = logging.getLogger(__name__)
 
 
+QUANT_PARAMS = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+
+
 class ExportError(UserError):
     """The export does not match its own config (a bug in a stage, caught before anything is shipped)."""
 
@@ -87,7 +90,10 @@ def verify_shapes(model_dir: Path) -> int:
             raise ExportError(f"{model_dir}: tensor {name} is missing (config.json implies shape {list(want)})")
         if tuple(got) != want:
             raise ExportError(f"{model_dir}: tensor {name} has shape {list(got)} but config.json implies {list(want)}")
-    stray = [n for n in found if n not in expected and not any(n.startswith(w[: -len("weight")]) for w in quant_shapes)]
+    # compressed-tensors keeps a quantized Linear's parameters beside (int-quantized) or instead of
+    # (pack-quantized, checked through weight_shape above) its weight
+    stray = [n for n in found if n not in expected and not (
+        n.rsplit(".", 1)[-1] in QUANT_PARAMS and n.rsplit(".", 1)[0] + ".weight" in expected)]
     if stray:
         raise ExportError(f"{model_dir}: tensors not described by config.json: {stray[:4]}")
     return len(expected)

@@ -27,10 +27,9 @@ from .data import DataHub
 from .errors import UserError
 from .export import finalize, verify_shapes, write_weights
 from .memory import PeakMemory
-from .perplexity import perplexity
 from .plan import PlanState, make_plan
 from .progress import Progress
-from .recipe import Recipe
+from .recipe import EvalConfig, Recipe
 from .registry import load_methods
 from .report import SCHEMA_VERSION, render_markdown, versions
 from .stage import StageContext
@@ -119,22 +118,22 @@ def load_tokenizer(path: Path):
 # ---------------------------------------------------------------- evaluation
 
 
-def evaluate(model_dir: Path, names: list[str], data: DataHub, dtype: torch.dtype, progress: Progress,
-             label: str) -> dict[str, Any]:
-    """Perplexity of the model in `model_dir` (as transformers loads it) on each named source."""
-    if not names:
-        return {"perplexity": {}}
-    from transformers import AutoModelForCausalLM
+def evaluate(model_dir: Path, spec: EvalConfig, data: DataHub, dtype: torch.dtype, progress: Progress,
+             label: str, log_dir: Path | None = None) -> dict[str, Any]:
+    """The eval harness's entry for the model in `model_dir` (llmslim.evaluate): size, perplexity on each
+    named source (as transformers loads the model), throughput and lm-eval tasks when the recipe asks."""
+    from .evaluate.harness import PplJob, measure_model, throughput_settings
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
-    out = {}
-    for name in names:
-        windows = data.evaluation(name)
-        with progress.track(f"perplexity {label} on {name}", windows.shape[0]) as task:
-            out[name] = perplexity(model, windows, on_batch=task.advance).as_dict()
-        log.info("perplexity %s on %s: %.4f", label, name, out[name]["ppl"])
-    del model
-    return {"perplexity": out}
+    def stream(name: str) -> Callable[[Any], torch.Tensor]:
+        return lambda _tokenizer: data.stream(name)  # the recipe's sources are tokenized by the DataHub
+
+    jobs = [PplJob(name, stream(name), data.seq_len(name), data.sources[name].samples, spec.stride)
+            for name in spec.perplexity]
+    backends, settings = throughput_settings(spec.throughput)
+    return measure_model(model_dir, name="original" if label == "before" else "export",
+                         role="baseline" if label == "before" else "model", ppl=jobs, dtype=dtype,
+                         backends=backends, throughput=settings, tasks=spec.tasks, task_limit=spec.task_limit,
+                         progress=progress, log_dir=log_dir, tokenizer=data.tokenizer)
 
 
 # ---------------------------------------------------------------- the run
@@ -142,6 +141,13 @@ def evaluate(model_dir: Path, names: list[str], data: DataHub, dtype: torch.dtyp
 
 def working_dtype(recipe: Recipe, source: Checkpoint) -> torch.dtype:
     return source.dtype if recipe.spec.dtype == "auto" else DTYPES[recipe.spec.dtype]
+
+
+def compute_dtype(recipe: Recipe, dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype of calibration work: float32 on the CPU unless the recipe says otherwise."""
+    if recipe.spec.compute_dtype != "auto":
+        return DTYPES[recipe.spec.compute_dtype]
+    return torch.float32 if device.type == "cpu" else dtype
 
 
 def pick_device(spec: str) -> torch.device:
@@ -208,11 +214,11 @@ def run(recipe: Recipe, *, fresh: bool = False, progress: Progress | None = None
 
     data = DataHub(recipe.spec.data, load_tokenizer(src_dir), seed=recipe.spec.seed,
                    max_len=getattr(source.config, "max_position_embeddings", None))
-    eval_key = json.dumps([recipe.spec.model, recipe.spec.dtype, sorted(recipe.spec.eval.perplexity),
+    eval_key = json.dumps([recipe.spec.model, recipe.spec.dtype, recipe.as_dict()["eval"],
                            {k: recipe.as_dict()["data"][k] for k in recipe.spec.eval.perplexity}], sort_keys=True)
     if state.get("eval_before", {}).get("key") != eval_key:
-        state["eval_before"] = {"key": eval_key, **evaluate(src_dir, recipe.spec.eval.perplexity, data, dtype,
-                                                            progress, "before")}
+        state["eval_before"] = {"key": eval_key, **evaluate(src_dir, recipe.spec.eval, data, dtype, progress, "before",
+                                                            work.root / "eval-logs")}
         work.save_state(state)
 
     current = source
@@ -230,9 +236,10 @@ def run(recipe: Recipe, *, fresh: bool = False, progress: Progress | None = None
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
-        ctx = StageContext(recipe, stage, current, tmp, final.with_name(final.name + ".scratch"), dtype, device,
+        scratch = _scratch_for(final.with_name(final.name + ".scratch"), recipe.stage_hash(stage.index))
+        ctx = StageContext(recipe, stage, current, tmp, scratch, dtype, device,
                            data, progress, states[stage.index], states[stage.index + 1],
-                           parse_size(recipe.spec.export.max_shard_size))
+                           parse_size(recipe.spec.export.max_shard_size), compute_dtype(recipe, dtype, device))
         log.info("%s: starting", stage.label)
         started = time.perf_counter()
         method_run = methods[stage.method].run
@@ -267,6 +274,17 @@ def run(recipe: Recipe, *, fresh: bool = False, progress: Progress | None = None
     return report
 
 
+def _scratch_for(path: Path, stage_hash: str) -> Path:
+    """A stage's scratch directory (its per-layer progress), emptied when it was left by a different recipe."""
+    stamp = path / "stage_hash"
+    if path.exists() and (not stamp.is_file() or stamp.read_text() != stage_hash):
+        log.info("%s: left by a different recipe; starting this stage afresh", path)
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    stamp.write_text(stage_hash)
+    return path
+
+
 def _dir_weight_bytes(path: Path) -> int:
     return sum(f.stat().st_size for f in path.glob("*.safetensors"))
 
@@ -297,9 +315,11 @@ def export_and_report(recipe: Recipe, work: Workspace, src_dir: Path, source: Ch
 
     check = None
     if spec.export.check != "none":
-        reference = None
-        if not quantized:  # the model as our own loader sees it, to compare with transformers' reload
-            reference = LazyModel(final, dtype).materialize_all().float()
+        # The model as our own loader sees it (quantized weights decoded by us), to compare with transformers'
+        # reload: an export that loads but computes something else (e.g. weights re-initialised) fails here.
+        # In float32, as the check loads transformers' side: dense weights as written (in `dtype`), upcast;
+        # quantized weights (their files are linked unchanged) decoded in float32 as transformers decodes them.
+        reference = (LazyModel(final, torch.float32) if quantized else LazyModel(final, dtype)).materialize_all().float()
         with progress.track(f"checking export ({spec.export.check})", None):
             try:
                 check = check_export(tmp, spec.export.check, reference=reference).as_dict()
@@ -308,7 +328,14 @@ def export_and_report(recipe: Recipe, work: Workspace, src_dir: Path, source: Ch
         del reference
         log.info("check: %s", check["detail"])
 
-    eval_after = evaluate(tmp, spec.eval.perplexity, data, dtype, progress, "after")
+    eval_after = evaluate(tmp, spec.eval, data, dtype, progress, "after", work.root / "eval-logs")
+    eval_after["path"] = str(work.output)
+    eval_before = {k: v for k, v in state["eval_before"].items() if k != "key"}
+    if spec.eval.perplexity or spec.eval.throughput or spec.eval.tasks:
+        from .evaluate.harness import new_report, recipe_settings, write_outputs
+
+        write_outputs(new_report(f"llmslim run {recipe.source}", recipe_settings(spec.eval, dtype),
+                                 [eval_before, eval_after]), tmp / "eval")
     before_size, after_size = rows[0], PlanState(Checkpoint(tmp).config, source.adapter, dtype).size()
     report = {
         "schema_version": SCHEMA_VERSION, "model": spec.model, "output": str(work.output),
@@ -319,7 +346,7 @@ def export_and_report(recipe: Recipe, work: Workspace, src_dir: Path, source: Ch
         "stages": state["stages"],
         "size": {"before": {"params": before_size.params, "bytes": _dir_weight_bytes(src_dir)},
                  "after": {"params": after_size[0], "bytes": _dir_weight_bytes(tmp)}},
-        "eval": {"before": {k: v for k, v in state["eval_before"].items() if k != "key"}, "after": eval_after},
+        "eval": {"before": eval_before, "after": eval_after},
         "check": check, "versions": versions(),
     }
     (tmp / "llmslim_report.json").write_text(json.dumps(report, indent=2) + "\n")

@@ -30,6 +30,10 @@ class WeightFormat(Protocol):
 
     def model_bytes(self, model: torch.nn.Module, dtype: torch.dtype) -> int: ...
 
+    def vllm_limitation(self) -> str | None:
+        """Why no vLLM build can serve this format (None: some can)."""
+        ...
+
 
 @dataclass(frozen=True)
 class PlanState:
@@ -113,6 +117,9 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
             quantized_at = stage.index
         states.append(state)
         rows.append(PlanRow(f"{stage.index}: {stage.method}", state.shape, *state.size()))
+    limitation = state.quant.vllm_limitation() if state.quant is not None else None
+    if not problems and limitation and recipe.spec.export.check == "vllm":
+        problems.append(f"{recipe.where(('export', 'check'))}: export.check: vllm: {limitation}")
     if problems:
         raise RecipeError(problems)
     return rows, states

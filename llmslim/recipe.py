@@ -75,11 +75,45 @@ class ExportConfig(Strict):
     """Largest safetensors shard (e.g. 500MB, 5GB)."""
 
 
+class ThroughputConfig(Strict):
+    """The offline serving benchmark (as `llmslim eval --throughput`): random-token prompts, every request
+    generating exactly `gen_len` tokens, each backend in its own process."""
+
+    backend: Literal["vllm", "transformers", "both"] = "vllm"
+    """The engine that serves the model: vllm, transformers, or both."""
+    batch_sizes: list[int] = [1, 8]
+    """Concurrent requests per run; one measurement per batch size."""
+    prompt_len: int = Field(default=128, gt=0)
+    """Prompt tokens per request."""
+    gen_len: int = Field(default=128, gt=0)
+    """Generated tokens per request."""
+    repeats: int = Field(default=3, gt=0)
+    """Timed runs per batch size (the report gives the median and the spread)."""
+    warmup: int = Field(default=1, ge=0)
+    """Untimed runs per batch size before the timed ones."""
+
+    @field_validator("batch_sizes")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if not v or min(v) <= 0:
+            raise ValueError("expected a non-empty list of positive batch sizes")
+        return v
+
+
 class EvalConfig(Strict):
     """What is measured on the original and on the exported model."""
 
     perplexity: list[str] = []
     """Names of data sources (from `data:`) to measure perplexity on, before and after."""
+    stride: int | None = Field(default=None, gt=0)
+    """Perplexity in sliding windows of each source's seq_len that start every `stride` tokens (each
+    token scored once, with more context); null: non-overlapping windows."""
+    throughput: ThroughputConfig | None = None
+    """Serving throughput, latency and memory before and after (see `eval.throughput`); null: not measured."""
+    tasks: list[str] = []
+    """lm-evaluation-harness tasks (needs `pip install lm-eval`), e.g. [hellaswag, arc_easy]."""
+    task_limit: int | None = Field(default=None, gt=0)
+    """Examples per task (a quick look; results are then not comparable with published ones)."""
 
 
 class PushConfig(Strict):
@@ -97,7 +131,11 @@ class RecipeModel(Strict):
     revision: str | None = None
     """Hub revision (branch, tag or commit); ignored for local directories."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """The dtype the stages work in and the export is written in; auto: the checkpoint's own."""
+    """The dtype the stages write and the export is written in; auto: the checkpoint's own."""
+    compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """The dtype of calibration work (layers in memory, activations, statistics); auto: float32 on the CPU
+    (where bf16/fp16 matmuls are slow and lose precision), `dtype` on a GPU. Quantization grids and
+    written weights are always in `dtype`."""
     trust_remote_code: bool = False
     """Allow model code from the Hub; off unless the recipe says so."""
     use_safetensors: bool = True
@@ -166,7 +204,8 @@ class Recipe:
         d = self.as_dict()
         used = {n for s in self.stages[: upto + 1] if (n := s.config.data_source()) is not None}
         key = {
-            "model": d["model"], "revision": d["revision"], "dtype": d["dtype"], "seed": d["seed"],
+            "model": d["model"], "revision": d["revision"], "dtype": d["dtype"], "compute_dtype": d["compute_dtype"],
+            "seed": d["seed"],
             "stages": d["stages"][: upto + 1], "data": {k: d["data"][k] for k in sorted(used)},
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]

@@ -40,21 +40,22 @@ class StageContext:
     source: Checkpoint
     out_dir: Path
     scratch_dir: Path  # survives a crash of this stage (per-layer resume state); removed once it completes
-    dtype: torch.dtype
+    dtype: torch.dtype  # what the stage writes
     device: torch.device
     data: DataHub
     progress: Progress
     before: PlanState
     after: PlanState
     max_shard_bytes: int = 2 * 10**9
+    compute_dtype: torch.dtype | None = None  # layers and activations in memory; None: `dtype`
 
     @property
     def seed(self) -> int:
         return self.recipe.spec.seed
 
     def lazy_model(self) -> LazyModel:
-        """The input model with decoder layers left on disk until materialised."""
-        return LazyModel(self.source, self.dtype)
+        """The input model with decoder layers left on disk until materialised, in the compute dtype."""
+        return LazyModel(self.source, self.compute_dtype or self.dtype)
 
     def writer(self) -> CheckpointWriter:
         return CheckpointWriter(self.out_dir, max_shard_bytes=self.max_shard_bytes)

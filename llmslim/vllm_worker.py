@@ -21,7 +21,8 @@ def run_job(job: dict) -> dict:
     started = time.perf_counter()
     llm = LLM(model=job["model"], dtype=job.get("dtype", "auto"), skip_tokenizer_init=True,
               gpu_memory_utilization=job.get("gpu_memory_utilization", 0.3), enforce_eager=True,
-              max_model_len=job["max_model_len"], max_num_seqs=max(8, len(job["prompts"])), seed=0)
+              max_model_len=job["max_model_len"], max_num_seqs=max(8, len(job["prompts"])), seed=0,
+              distributed_executor_backend="uni")  # one process: see check.run_vllm_jobs
     result: dict = {"load_seconds": time.perf_counter() - started, "loaded": True}
     if job.get("generate", True):
         params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True, detokenize=False)

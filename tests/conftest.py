@@ -39,6 +39,29 @@ def tiny(tmp_path_factory):
     return make
 
 
+@pytest.fixture(scope="session")
+def tiny_tok(tiny, tmp_path_factory):
+    """tiny_tok(arch, **kw) -> a copy of tiny(arch, **kw) with tokenizer files (for stages that read text)."""
+    import shutil
+
+    from tiny_models import add_tokenizer
+
+    tokenizer = add_tokenizer(tmp_path_factory.mktemp("tokenizer"))
+    cache: dict = {}
+
+    def make(arch: str, **kw) -> Path:
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in cache:
+            dst = tmp_path_factory.mktemp(arch) / "model"
+            shutil.copytree(tiny(arch, **kw), dst)
+            for f in tokenizer.iterdir():
+                shutil.copy2(f, dst / f.name)
+            cache[key] = dst
+        return cache[key]
+
+    return make
+
+
 @pytest.fixture(autouse=True)
 def _quiet_transformers():
     import transformers

@@ -24,8 +24,16 @@ COMMON = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attentio
               max_position_embeddings=256, rms_norm_eps=1e-6)
 
 
-def config_for(arch: str, *, gqa: bool = True, tied: bool = False, layers: int = 4):
-    """A tiny config of `arch`; gqa: 2 KV heads for 4 query heads (else multi-head), tied embeddings."""
+def config_for(arch: str, *, gqa: bool = True, tied: bool = False, layers: int = 4, **overrides):
+    """A tiny config of `arch`; gqa: 2 KV heads for 4 query heads (else multi-head), tied embeddings;
+    `overrides` replace config fields (e.g. intermediate_size)."""
+    config = _config(arch, gqa, tied, layers)
+    for k, v in overrides.items():
+        setattr(config, k, v)
+    return config
+
+
+def _config(arch: str, gqa: bool, tied: bool, layers: int):
     kw = dict(COMMON, num_hidden_layers=layers, num_key_value_heads=2 if gqa else 4, tie_word_embeddings=tied)
     moe = dict(num_experts_per_tok=2)
     if arch == "llama":

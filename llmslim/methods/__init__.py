@@ -3,12 +3,8 @@ importing this package registers them all. Names that later releases implement a
 that recipes using them get a clear message instead of "unknown method"."""
 
 from ..registry import reserve
-from . import drop_layers  # noqa: F401
+from . import drop_layers, gptq, prune_ffn, prune_heads  # noqa: F401
 
-reserve("prune_heads", "[2/8] structured pruning")
-reserve("prune_ffn", "[2/8] structured pruning")
-reserve("gptq", "[3/8] GPTQ quantization")
-reserve("rtn", "[3/8] GPTQ quantization")
 reserve("distill", "[4/8] distillation")
 reserve("qat", "[5/8] quantization-aware training")
 reserve("moefy", "[6/8] MoE gating")
