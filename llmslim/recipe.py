@@ -133,9 +133,10 @@ class RecipeModel(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """The dtype the stages write and the export is written in; auto: the checkpoint's own."""
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    """The dtype of calibration work (layers in memory, activations, statistics); auto: float32 on the CPU
-    (where bf16/fp16 matmuls are slow and lose precision), `dtype` on a GPU. Quantization grids and
-    written weights are always in `dtype`."""
+    """The dtype of calibration work (layers in memory, activations); auto: `dtype` on a GPU, and on a CPU
+    `dtype` when it is bfloat16 and the CPU has native bf16 matmuls (AVX512_BF16 or AMX), else float32.
+    Hessians and importance sums are accumulated in float32 either way; quantization grids and written
+    weights are always in `dtype`."""
     trust_remote_code: bool = False
     """Allow model code from the Hub; off unless the recipe says so."""
     use_safetensors: bool = True

@@ -289,3 +289,27 @@ def test_w8a8_serves_in_vllm_and_w4a16_loads(tiny_tok, tmp_path):
         assert not w4.generated and w4.detail.startswith("vLLM loads the export") and "AVX-512" in w4.detail
     model = AutoModelForCausalLM.from_pretrained(outs[2])
     assert model.config.quantization_config is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_hessians_are_those_of_full_forwards(tiny, arch):
+    """collect_hessians stops each calibration forward at mlp.down_proj's input; every Hessian must equal
+    the one accumulated from hooks on complete forwards of the same inputs."""
+    ckpt = Checkpoint(tiny(arch))
+    lazy = LazyModel(ckpt, torch.float32)
+    targets, _ = _targets_by_layer(lazy.model, ckpt.adapter, ["lm_head"])
+    inputs = capture_inputs(lazy, torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(2)),
+                            batch_size=2)
+    step = next(walk(lazy, inputs, release=False))
+    seen: dict[str, list[torch.Tensor]] = {}
+    handles = [step.layer.get_submodule(t.names[0]).register_forward_pre_hook(
+        lambda _m, args, name=t.names[0]: seen.setdefault(name, []).append(args[0])) for t in targets[0]]
+    for h, kw in zip(step.inputs.hidden, step.inputs.kwargs):
+        step.layer(h, **kw)
+    for handle in handles:
+        handle.remove()
+    stats = collect_hessians(step.layer, targets[0], step.inputs, torch.device("cpu"), 0)
+    assert set(stats.linear) == {t.names for t in targets[0]} and targets[0][-1].names == ("mlp.down_proj",)
+    for t in targets[0]:
+        x = torch.cat(seen[t.names[0]]).reshape(-1, stats.linear[t.names].in_features).double()
+        torch.testing.assert_close(stats.linear[t.names].H.double(), 2 * x.T @ x / x.shape[0], rtol=1e-5, atol=1e-6)

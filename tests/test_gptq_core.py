@@ -323,3 +323,25 @@ def test_hessian_accumulator_streaming_equals_one_shot(dtype, rtol):
     torch.testing.assert_close(acc.H.double(), hessian(X), rtol=rtol, atol=rtol * float(hessian(X).abs().max()))
     with pytest.raises(ValueError, match="last dimension 32"):
         acc.add(torch.zeros(3, 31))
+
+
+def test_hessian_of_bf16_activations_is_a_float32_product():
+    """bf16 activations must not take a bf16 matmul (its bf16-rounded X^T X raised the GPTQ loss by half on
+    real activations): H is the float32 product of the same bf16-valued inputs, to float32 rounding."""
+    X = correlated_inputs(512, 64, seed=4).bfloat16()
+    acc = HessianAccumulator(64)
+    for c in X.split(128):
+        acc.add(c)
+    exact = hessian(X.double())
+    assert acc.H.dtype == torch.float32
+    err = (acc.H.double() - exact).abs().max() / exact.abs().max()
+    assert err < 1e-5, f"relative error {err:.2e}"
+
+
+def test_hessian_of_wide_inputs_in_panels_equals_one_product():
+    """Inputs of 3 panels or more take the lower-triangle panel path; H must be the full symmetric X^T X."""
+    X = torch.randn(40, 2200, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    acc = HessianAccumulator(2200, dtype=torch.float64)
+    acc.add(X[:25])
+    acc.add(X[25:])
+    torch.testing.assert_close(acc.H, hessian(X), rtol=1e-12, atol=1e-12)
