@@ -20,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig
 
 from .adapters import Adapter, layer_of
 from .errors import UserError
+from .memory import keep_large_buffers_out_of_the_heap
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INDEX_FILE = "model.safetensors.index.json"
@@ -121,6 +122,7 @@ class LazyModel:
     lm_head are loaded up front (the layer-by-layer runner needs them to make layer 0's inputs)."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, *, config: PretrainedConfig | None = None):
+        keep_large_buffers_out_of_the_heap()  # else glibc's heap grows by about a layer per layer walked
         self.ckpt = ckpt
         self.adapter = ckpt.adapter
         self.dtype = dtype

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import functools
 import threading
 
 import psutil
@@ -40,6 +43,27 @@ class PeakMemory:
         if self._thread:
             self._thread.join()
         self.peak = max(self.peak, rss_bytes())
+
+
+M_MMAP_THRESHOLD = -3  # mallopt parameter number, from glibc's malloc.h
+
+
+@functools.cache
+def keep_large_buffers_out_of_the_heap(threshold: int = 16 << 20) -> bool:
+    """Serve every allocation of `threshold` bytes or more by its own mmap (glibc only; once per process).
+
+    Why: glibc's default threshold is dynamic: after the first large free it rises to that size (up to
+    32 MiB), so later layer-sized buffers land in malloc arenas, which fragment and never shrink, and
+    layer-by-layer work grows with depth. Measured with GPTQ W4 on the synthetic Llama of
+    eval/bench_gptq.py (8 x 512 calibration tokens), peak RSS at 8 -> 24 layers: 1.34 -> 1.90 GB by
+    default, 1.17 -> 1.23 GB with 16 MiB, at the same speed (47.0 vs 47.3 s for 24 layers). Lower
+    thresholds flatten it a little more but cost time (4 MiB: 1.09 GB, 60.5 s): mmap-ing every
+    mid-sized temporary means page faults. Returns whether the setting took effect."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, threshold))
+    except (OSError, AttributeError):  # not glibc (macOS, musl): their allocators behave differently
+        return False
 
 
 def device_peak_bytes() -> int | None:

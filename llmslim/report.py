@@ -44,6 +44,12 @@ def _ratio(after: float | None, before: float | None) -> str:
     return f"{after / before:.3f}x" if after is not None and before else "-"
 
 
+def _brief(value: Any, limit: int = 160) -> str:
+    """A stage note for the table: long ones (kept channel lists, per-layer losses) cut, as the JSON has them."""
+    text = str(value)
+    return text if len(text) <= limit else text[:limit].rstrip(", ") + " ... (in llmslim_report.json)"
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable version of the report: stages, then before/after evaluation."""
     lines = [f"# llmslim report: {report['model']}", "",
@@ -51,7 +57,7 @@ def render_markdown(report: dict[str, Any]) -> str:
              "## Stages", "", "| stage | seconds | params before | params after | bytes after | peak RSS | notes |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for s in report["stages"]:
-        notes = ", ".join(f"{k}: {v}" for k, v in s.get("summary", {}).items())
+        notes = ", ".join(f"{k}: {_brief(v)}" for k, v in s.get("summary", {}).items())
         lines.append(f"| {s['index']}: {s['method']} | {s['seconds']:.1f} | {human_count(s['params_before'])} | "
                      f"{human_count(s['params_after'])} | {human_bytes(s['bytes_after'])} | "
                      f"{human_bytes(s.get('peak_rss_bytes'))} | {notes} |")

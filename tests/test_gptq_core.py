@@ -338,10 +338,14 @@ def test_hessian_of_bf16_activations_is_a_float32_product():
     assert err < 1e-5, f"relative error {err:.2e}"
 
 
-def test_hessian_of_wide_inputs_in_panels_equals_one_product():
-    """Inputs of 3 panels or more take the lower-triangle panel path; H must be the full symmetric X^T X."""
-    X = torch.randn(40, 2200, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    acc = HessianAccumulator(2200, dtype=torch.float64)
+@pytest.mark.parametrize("width", [300, 1100], ids=["one-product", "panels"])
+def test_hessian_is_the_full_symmetric_product_for_narrow_and_wide_inputs(width):
+    """Inputs of 3 panels or more take the lower-triangle panel path; H must be the full symmetric X^T X
+    either way, also when H is read between batches."""
+    X = torch.randn(70, width, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    acc = HessianAccumulator(width, dtype=torch.float64)
     acc.add(X[:25])
-    acc.add(X[25:])
+    torch.testing.assert_close(acc.H, hessian(X[:25]), rtol=1e-12, atol=1e-12)
+    acc.add(X[25:60])
+    acc.add(X[60:])
     torch.testing.assert_close(acc.H, hessian(X), rtol=1e-12, atol=1e-12)

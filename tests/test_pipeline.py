@@ -259,3 +259,17 @@ def test_missing_data_file_is_refused_before_running(tiny, tmp_path):
 
         recipe = parse_recipe(text)
         prepare(recipe, Workspace(recipe.spec.output))
+
+
+def test_report_markdown_cuts_long_stage_notes_that_the_json_keeps_whole():
+    from llmslim.report import render_markdown
+
+    kept = list(range(300))
+    report = {"model": "m", "output": "out", "export": {"format": "hf"}, "recipe_hash": "h",
+              "stages": [{"index": 0, "method": "prune_ffn", "seconds": 1.0, "params_before": 10, "params_after": 8,
+                          "bytes_after": 16, "summary": {"ffn": "384 -> 256", "kept": {"0": {"mlp": kept}}}}],
+              "size": {"before": {"params": 10, "bytes": 20}, "after": {"params": 8, "bytes": 16}},
+              "eval": {}, "versions": {"torch": "x"}}
+    row = next(line for line in render_markdown(report).splitlines() if line.startswith("| 0: prune_ffn"))
+    assert "ffn: 384 -> 256" in row and "(in llmslim_report.json)" in row
+    assert len(row) < 400 and "299" not in row

@@ -336,9 +336,11 @@ class HessianAccumulator:
         self.n_tokens = total
 
 
-def _add_gram(H: Tensor, x: Tensor, panel: int = 704) -> None:
-    """H += x^T x. Wide inputs (an FFN's down_proj) go in column panels computing only the lower triangle
-    and mirroring it: about 2/3 of the work of one full product there (measured on the CPU)."""
+def _add_gram(H: Tensor, x: Tensor, panel: int = 256) -> None:
+    """H += x^T x. Inputs of 3 panels or more go in column panels computing only the lower triangle and
+    mirroring it. Measured (4096 tokens, 2 cores, float32): 29 vs 44 ms at width 1024, 194 vs 336 ms at
+    2816. (BLAS syrk from scipy was faster alone but its thread pool then fought torch's, slowing the
+    forwards around it by half.)"""
     n = x.shape[1]
     if n < 3 * panel or x.device.type != "cpu":
         H.addmm_(x.T, x)
