@@ -55,9 +55,9 @@ def keep_large_buffers_out_of_the_heap(threshold: int = 16 << 20) -> bool:
     Why: glibc's default threshold is dynamic: after the first large free it rises to that size (up to
     32 MiB), so later layer-sized buffers land in malloc arenas, which fragment and never shrink, and
     layer-by-layer work grows with depth. Measured with GPTQ W4 on the synthetic Llama of
-    eval/bench_gptq.py (8 x 512 calibration tokens), peak RSS at 8 -> 24 layers: 1.34 -> 1.90 GB by
-    default, 1.17 -> 1.23 GB with 16 MiB, at the same speed (47.0 vs 47.3 s for 24 layers). Lower
-    thresholds flatten it a little more but cost time (4 MiB: 1.09 GB, 60.5 s): mmap-ing every
+    eval/bench_gptq.py (8 x 512 calibration tokens), peak RSS at 8 -> 24 layers: 1306 -> 1851 MiB by
+    default, 1141 -> 1201 MiB with 16 MiB, at the same speed (47.0 vs 47.3 s for 24 layers). Lower
+    thresholds flatten it a little more but cost time (4 MiB: 1063 MiB, 60.5 s): mmap-ing every
     mid-sized temporary means page faults. Returns whether the setting took effect."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

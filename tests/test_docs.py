@@ -23,13 +23,13 @@ def test_readme_opens_with_two_setup_commands_and_ci_runs_the_test_one():
     assert ci[-1].strip() == test
 
 
+# recipes whose model is on this disk (the Minitron one names a Hub model; test_pruning checks it on a stand-in)
+LOCAL_RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if "minitron" not in p.name)
+
+
 def test_demo_recipe_exists_and_validates_offline():
     demo = readme_commands()[0].split()[-1]
     assert (REPO / demo).is_file() and demo in [f"recipes/{p.name}" for p in LOCAL_RECIPES]
-
-
-# recipes whose model is on this disk (the Minitron one names a Hub model; test_pruning checks it on a stand-in)
-LOCAL_RECIPES = sorted(p for p in (REPO / "recipes").glob("*.yaml") if "minitron" not in p.name)
 
 
 @pytest.mark.parametrize("path", LOCAL_RECIPES, ids=lambda p: p.name)

@@ -351,4 +351,3 @@ def _add_gram(H: Tensor, x: Tensor, panel: int = 256) -> None:
         H[i:, i:j] += block
         if j < n:
             H[i:j, j:] += block[j - i:].T
-
