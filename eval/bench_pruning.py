@@ -150,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
                                    "ppl_original": baseline, "rows": rows, "acceptance": ok, "table": "\n".join(lines)},
                                   indent=2) + "\n")
     print(f"\nwrote {RESULTS.relative_to(REPO)}", file=sys.stderr)
-    return 0
+    return 0 if ok else 1  # a failed acceptance line fails the command
 
 
 if __name__ == "__main__":

@@ -174,11 +174,15 @@ class Adapter:
         return new
 
     def with_heads(self, config: PretrainedConfig, heads: int, kv_heads: int) -> PretrainedConfig:
-        """The config after head pruning (head_dim is pinned explicitly so it cannot be re-derived)."""
+        """The config after head pruning (head_dim is pinned explicitly so it cannot be re-derived). A Qwen2
+        model whose head count no longer gives hidden_size / heads = head_dim becomes a Llama model (see
+        `qwen2_as_llama`)."""
         new = copy.deepcopy(config)
         new.head_dim = self.shape(config).head_dim
         new.num_attention_heads = heads
         new.num_key_value_heads = kv_heads
+        if config.model_type == "qwen2" and heads * new.head_dim != config.hidden_size:
+            return qwen2_as_llama(new)
         return new
 
     def with_ffn(self, config: PretrainedConfig, width: int | None = None, expert_width: int | None = None,
@@ -249,6 +253,31 @@ class Adapter:
                 [torch.cat([parts[gate][e], parts[up][e]], dim=0) for e in range(n)])
             out[f"{prefix}mlp.experts.down_proj"] = torch.stack([parts[down][e] for e in range(n)])
         return out
+
+
+def qwen2_as_llama(config: PretrainedConfig) -> PretrainedConfig:
+    """The same network as a Llama config, for Qwen2 models with fewer heads than hidden_size / head_dim.
+
+    vLLM's Qwen2 (0.32) computes head_dim as hidden_size / num_attention_heads, ignoring config.head_dim,
+    so a Qwen2 checkpoint with fewer heads does not load there. Llama reads head_dim from the config in
+    both vLLM and transformers, and with `attention_bias: true` gives q, k, v *and* o_proj a bias: with
+    o_proj's bias all zeros (the pruning stage writes it) a Llama layer computes exactly what the Qwen2
+    layer did (same RMSNorm, rotary embedding, SwiGLU MLP and weight names). Sliding-window attention,
+    which Llama cannot express, is refused. The tokenizer and chat template are files beside the
+    weights and stay as they are."""
+    from transformers import LlamaConfig
+
+    layer_types = getattr(config, "layer_types", None) or []
+    if getattr(config, "use_sliding_window", False) and any(t != "full_attention" for t in layer_types):
+        raise ValueError("this Qwen2 model uses sliding-window attention, which the Llama architecture that "
+                         "serves a head-pruned Qwen2 in vLLM cannot express")
+    d = config.to_dict()
+    for key in ("model_type", "architectures", "transformers_version", "use_sliding_window", "sliding_window",
+                "max_window_layers", "layer_types", "attention_bias", "mlp_bias"):
+        d.pop(key, None)
+    new = LlamaConfig(**d, attention_bias=True, mlp_bias=False)
+    new.architectures = ["LlamaForCausalLM"]
+    return new
 
 
 def layer_of(key: str) -> int | None:

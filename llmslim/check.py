@@ -14,11 +14,15 @@ import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForCausalLM
 
+from . import cpu
+from .cpu import VllmRun, export_kind, vllm_cpu_run, vllm_gpu_run
 from .errors import UserError
+from .loading import load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +41,7 @@ class CheckResult:
     passed: bool
     prompts: int = 0
     tokens_per_prompt: int = MAX_NEW_TOKENS
-    generated: bool = True  # False when the engine loaded but this machine cannot run the format
+    generated: bool = True  # vLLM generated here and its tokens were judged (False: this CPU cannot; see detail)
     detail: str = ""
     tokens: list[list[int]] = field(default_factory=list)
 
@@ -47,17 +51,32 @@ class CheckResult:
         return d
 
 
-def prompt_ids(model_dir: str | Path, vocab_size: int) -> list[list[int]]:
-    """Token ids of the fixed prompts: from the model's tokenizer, or fixed ids when it has none."""
-    try:
-        tok = AutoTokenizer.from_pretrained(model_dir)
-        ids = [tok(p)["input_ids"] for p in PROMPTS]
-        if all(ids) and max(max(i) for i in ids) < vocab_size:
-            return ids
-    except Exception:  # no tokenizer files: tiny test models; fall through to fixed ids
-        pass
-    g = torch.Generator().manual_seed(1234)
-    return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in (4, 6, 8, 5)]
+def prompt_ids(tokenizer: Any, vocab_size: int) -> list[list[int]]:
+    """Token ids of the fixed prompts from the model's tokenizer; fixed ids when it has none."""
+    if tokenizer is None:
+        g = torch.Generator().manual_seed(1234)
+        return [torch.randint(3, vocab_size, (n,), generator=g).tolist() for n in (4, 6, 8, 5)]
+    return [tokenizer(p)["input_ids"] for p in PROMPTS]
+
+
+def tokenizer_problem(model_dir: str | Path, tokenizer: Any) -> str | None:
+    """Why the directory's tokenizer cannot belong to its model (None when nothing is wrong): ids beyond
+    the embedding (vocab_size), or a BOS token that config.json names differently (a swapped tokenizer)."""
+    if tokenizer is None:
+        return None
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    cfg = cfg.get("text_config") or cfg
+    vocab = cfg.get("vocab_size")
+    if vocab is not None and len(tokenizer) > vocab:
+        return (f"{model_dir}: the tokenizer has {len(tokenizer)} tokens but the model's vocab_size is {vocab}: "
+                "the tokenizer does not belong to this model")
+    bos = cfg.get("bos_token_id")
+    if isinstance(bos, int) and tokenizer.bos_token_id is not None and tokenizer.bos_token_id != bos:
+        return (f"{model_dir}: the tokenizer's BOS token is id {tokenizer.bos_token_id} ({tokenizer.bos_token!r}) "
+                f"but config.json says bos_token_id {bos}: the tokenizer does not belong to this model")
+    if not all(tokenizer(p)["input_ids"] for p in PROMPTS):
+        return f"{model_dir}: the tokenizer gives no tokens for the check's prompts"
+    return None
 
 
 @torch.no_grad()
@@ -105,33 +124,25 @@ def _weight_bits(q: dict) -> tuple[int | None, int | None]:
     return None, None
 
 
-def vllm_activation_dtype(model_dir: str | Path) -> str:
-    """The dtype vLLM must run an export in: weight-only quantized formats (W4A16, W8A16) have kernels for
-    16-bit activations only (CPU: cpu_gemm_wna16; GPU: Marlin/Machete), everything else runs in float32."""
-    q = _quantization(model_dir)
-    if q is None or _weight_bits(q)[1] is not None:
-        return "float32"
+def vllm_run_for(model_dir: str | Path) -> VllmRun:
+    """How vLLM must run this export here (dtype, whether it can generate, how tokens are judged): the
+    decision tables of llmslim.cpu applied to this machine."""
     cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    return "float16" if cfg.get("dtype", cfg.get("torch_dtype")) == "float16" else "bfloat16"
-
-
-def cpu_can_run(model_dir: str | Path) -> tuple[bool, str]:
-    """Whether vLLM's CPU build can generate with this export on this machine, and why not."""
-    q = _quantization(model_dir)
-    if q is None:
-        return True, ""
-    wbits, abits = _weight_bits(q)
-    # vLLM loads its AVX-512 kernel library when torch reports AVX-512 (vllm/platforms/cpu.py); only
-    # that library has the weight-only kernel.
-    if abits is None and not torch.cpu._is_avx512_supported():
-        return False, (f"W{wbits}A16 loads in vLLM, but its CPU kernel (cpu_gemm_wna16) exists only in the "
-                       "AVX-512 build and this CPU has AVX2 only: generation needs a GPU or an AVX-512 CPU")
-    return True, ""
+    kind, declared = export_kind(cfg), str(cfg.get("dtype", cfg.get("torch_dtype")))
+    if torch.cuda.is_available():
+        return vllm_gpu_run(kind, declared)
+    return vllm_cpu_run(kind, cpu.detect(), declared)
 
 
 # In 16-bit runs, greedy decoding may take either side of a near-tie: vLLM's token then has to be within
-# this fraction of the largest |logit| of the float32 argmax (bf16 keeps 8 significant bits: 2^-8 per
-# rounding, a few roundings deep).
+# NEAR_TIE x (the largest |logit| at that step) of the float32 argmax. Why 2^-5: bf16 keeps 8 significant
+# bits, so each rounding moves a value by up to 2^-9 relative; a logit is the end of a few dozen such
+# roundings (every layer's matmul inputs, norms and residual adds), whose errors partly cancel, and in
+# practice bf16 logits sit within about 2^-6 of float32 ones relative to the largest logit. With W8A8 the
+# int8 activation grid is computed from bf16 inputs, so a value near a rounding boundary may land one
+# int8 step away (1/127 of the token's largest activation): of the same order. 2^-5 leaves a factor of
+# two over that and still rejects real disagreements (a wrong weight moves the chosen token's logit by
+# far more than 3 % of the largest logit: tests/test_checks_fail.py shows both sides).
 NEAR_TIE = 2**-5
 
 
@@ -164,18 +175,16 @@ def _quantized_modules(model_dir: str | Path) -> set[str]:
     return {n[: -len(".weight_scale")] for n in Checkpoint(model_dir).names if n.endswith(".weight_scale")}
 
 
-def transformers_tokens(model_dir: str | Path, prompts: list[list[int]]) -> list[list[int]]:
-    """Greedy tokens from transformers; W8A8 exports get vLLM's dynamic per-token int8 activation
+def transformers_model(model_dir: str | Path) -> torch.nn.Module:
+    """The export in transformers (float32); W8A8 exports get vLLM's dynamic per-token int8 activation
     quantization emulated so both sides compute the same thing."""
     model = load_for_check(model_dir)
     q = _quantization(model_dir)
-    if q is not None:
-        _, abits = _weight_bits(q)
-        if abits == 8:
-            from .formats.compressed import emulate_activation_quant
+    if q is not None and _weight_bits(q)[1] == 8:
+        from .formats.compressed import emulate_activation_quant
 
-            emulate_activation_quant(model, bits=8)
-    return greedy(model, prompts)
+        emulate_activation_quant(model, bits=8)
+    return model
 
 
 def _max_len(model_dir: str | Path, prompts: list[list[int]]) -> int:
@@ -214,17 +223,28 @@ def check_exports(model_dirs: list[str | Path], backend: str = "vllm",
                   references: list[torch.nn.Module | None] | None = None) -> list[CheckResult]:
     """Check several exports; vLLM loads them one after another in a single child process.
 
-    transformers: each loads and generates, and (with a reference, the model before export) gives the
-    same greedy tokens as that model. vllm: additionally vLLM serves it with exactly transformers'
-    greedy tokens. Results say what failed; nothing is raised for a failing model."""
+    transformers: each loads and generates, its tokenizer fits it, and (with a reference, the model before
+    export) it gives the same greedy tokens as that model. vllm: additionally vLLM serves it, in the dtype
+    this machine's kernels need (llmslim.cpu), with transformers' greedy tokens: exactly where vLLM runs in
+    float32, up to near-ties (NEAR_TIE) where it must run in 16 bits. Results say what failed; nothing is
+    raised for a failing model."""
     dirs = [Path(d) for d in model_dirs]
     references = references or [None] * len(dirs)
     results: list[CheckResult | None] = [None] * len(dirs)
     jobs, waiting = [], []
     for k, (d, reference) in enumerate(zip(dirs, references)):
         cfg = AutoConfig.from_pretrained(d)
-        prompts = prompt_ids(d, cfg.vocab_size)
-        hf = transformers_tokens(d, prompts)
+        try:
+            tokenizer = load_tokenizer(d)
+            problem = tokenizer_problem(d, tokenizer)
+        except UserError as e:
+            problem = str(e)
+        if problem:
+            results[k] = _fail(backend, problem)
+            continue
+        prompts = prompt_ids(tokenizer, cfg.vocab_size)
+        model = transformers_model(d)
+        hf = greedy(model, prompts)
         if reference is not None:
             q = _quantization(d)
             if q is not None and _weight_bits(q)[1] == 8:  # compare like with like: vLLM's int8 activations
@@ -246,41 +266,51 @@ def check_exports(model_dirs: list[str | Path], backend: str = "vllm",
                                        f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); use export.check: "
                                        "transformers")
             continue
-        can_run, why = cpu_can_run(d) if not torch.cuda.is_available() else (True, "")
-        jobs.append(dict(model=str(d), dtype=vllm_activation_dtype(d), prompts=prompts, max_tokens=MAX_NEW_TOKENS,
-                         max_model_len=_max_len(d, prompts), generate=can_run))
-        waiting.append((k, hf, why))
-    for job, (k, hf, why), res in zip(jobs, waiting, run_vllm_jobs(jobs) if jobs else []):
-        d, n = dirs[k], len(hf)
-        if job["dtype"] != "float32" and res.get("loaded") and not why and "tokens" in res:
-            results[k] = _near_tie_result(d, job, hf, res["tokens"])
-            continue
-        if not res.get("loaded"):
-            results[k] = _fail("vllm", f"{d}: vLLM could not load the export: {res.get('error')}", hf)
-        elif why:
-            results[k] = CheckResult("vllm", True, n, generated=False, tokens=hf,
-                                     detail=f"vLLM loads the export; generation not possible here: {why}")
-        elif "generate_error" in res:
-            results[k] = _fail("vllm", f"{d}: vLLM loaded the export but generation failed: {res['generate_error']}", hf)
-        elif diff := _first_difference(hf, res["tokens"]):
-            results[k] = _fail("vllm", f"{d}: vLLM and transformers disagree: {diff} (transformers vs vLLM)", hf)
-        else:
-            results[k] = CheckResult("vllm", True, n, tokens=hf,
-                                     detail=f"vLLM and transformers agree on {n} x {MAX_NEW_TOKENS} greedy tokens")
+        plan = vllm_run_for(d)
+        jobs.append(dict(model=str(d), dtype=plan.dtype, prompts=prompts, max_tokens=MAX_NEW_TOKENS,
+                         max_model_len=_max_len(d, prompts), generate=plan.generates))
+        waiting.append((k, hf, plan, None if plan.exact else model))  # near-ties are judged on it later
+        del model
+    for job, (k, hf, plan, kept), res in zip(jobs, waiting, run_vllm_jobs(jobs) if jobs else []):
+        results[k] = _vllm_result(dirs[k], job, plan, hf, kept, res)
     return [r for r in results if r is not None]
 
 
-def _near_tie_result(d: Path, job: dict, hf: list[list[int]], tokens: list[list[int]]) -> CheckResult:
+def _vllm_result(d: Path, job: dict, plan: VllmRun, hf: list[list[int]], model: torch.nn.Module | None,
+                 res: dict) -> CheckResult:
+    n = len(hf)
+    if not res.get("loaded"):
+        return _fail("vllm", f"{d}: vLLM could not load the export: {res.get('error')}", hf)
+    if not plan.generates:
+        return CheckResult("vllm", True, n, generated=False, tokens=hf,
+                           detail=f"vLLM loads the export; generation not possible here: {plan.why}")
+    if "generate_error" in res:
+        return _fail("vllm", f"{d}: vLLM ({job['dtype']}) loaded the export but generation failed: "
+                             f"{res['generate_error']}", hf)
+    if not plan.faithful:
+        return CheckResult("vllm", True, n, generated=False, tokens=hf, detail=(
+            f"vLLM loads the export and generates with it; its tokens cannot be compared here: {plan.why}"))
+    if plan.exact:
+        if diff := _first_difference(hf, res["tokens"]):
+            return _fail("vllm", f"{d}: vLLM and transformers disagree: {diff} (transformers vs vLLM)", hf)
+        return CheckResult("vllm", True, n, tokens=hf,
+                           detail=f"vLLM and transformers agree on {n} x {MAX_NEW_TOKENS} greedy tokens")
+    assert model is not None
+    return _near_tie_result(d, job, plan, model, hf, res["tokens"])
+
+
+def _near_tie_result(d: Path, job: dict, plan: VllmRun, model: torch.nn.Module, hf: list[list[int]],
+                     tokens: list[list[int]]) -> CheckResult:
     """A 16-bit vLLM run judged against transformers in float32 (see near_tie_violations)."""
     n = len(tokens)
-    bad, worst, exact = near_tie_violations(load_for_check(d), job["prompts"], tokens)
+    bad, worst, exact = near_tie_violations(model, job["prompts"], tokens)
     if bad:
         return _fail("vllm", f"{d}: vLLM ({job['dtype']}) disagrees with transformers (float32): {bad[0]}"
                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""), hf)
     return CheckResult("vllm", True, n, tokens=tokens, detail=(
-        f"vLLM ({job['dtype']} activations, as its weight-only kernels need) agrees with transformers (float32) "
+        f"vLLM ({job['dtype']} activations: {plan.why}) agrees with transformers (float32) "
         f"on {n} x {MAX_NEW_TOKENS} greedy tokens: {exact} are the float32 argmax, the rest near-ties "
-        f"(largest logit gap {worst:.4f})"))
+        f"(largest logit gap {worst:.4f}, tolerance {NEAR_TIE:g} of the largest logit)"))
 
 
 def check_export(model_dir: str | Path, backend: str = "vllm", *, reference: torch.nn.Module | None = None) -> CheckResult:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable
 from pathlib import Path
@@ -41,14 +42,28 @@ class Checkpoint:
         self._files = self._weight_map()
 
     def _weight_map(self) -> dict[str, Path]:
+        """Tensor name -> file, from the shard index or the single file. Every file's header is opened here,
+        so a missing, truncated or corrupt file is one clear error before any work starts."""
         index = self.path / INDEX_FILE
         if index.is_file():
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {k: self.path / v for k, v in weight_map.items()}
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
+            files = {k: self.path / v for k, v in weight_map.items()}
+            for file in sorted(set(files.values())):
+                if not file.is_file():
+                    raise UserError(f"{file}: missing: {INDEX_FILE} lists it for {sum(f == file for f in files.values())} "
+                                    "tensor(s); the download or copy of this model is incomplete")
+                names = set(_open_keys(file))
+                absent = [k for k, f in files.items() if f == file and k not in names]
+                if absent:
+                    raise UserError(f"{file}: does not hold {absent[0]}, which {INDEX_FILE} says it does "
+                                    f"({len(absent)} such tensor(s)); the shards and the index do not match")
+            return files
         single = self.path / "model.safetensors"
         if single.is_file():
-            with safe_open(single, "pt") as f:
-                return {k: single for k in f.keys()}
+            return {k: single for k in _open_keys(single)}
         raise UserError(f"{self.path}: no safetensors weights (model.safetensors or {INDEX_FILE})")
 
     @property
@@ -100,6 +115,17 @@ class Checkpoint:
 
     def layer_names(self, index: int) -> list[str]:
         return [n for n in self._files if layer_of(n) == index]
+
+
+def _open_keys(file: Path) -> list[str]:
+    """The tensor names in a safetensors file's header; a truncated or corrupt file is a UserError."""
+    try:
+        with safe_open(file, "pt") as f:
+            return list(f.keys())
+    except Exception as e:  # safetensors raises its own error types (SafetensorError, OSError)
+        reason = " ".join(str(e).split())[:200]
+        raise UserError(f"{file}: not a readable safetensors file ({reason}); it is truncated or corrupt: "
+                        "download or save the model again") from None
 
 
 def _by_file(names: Iterable[str], files: dict[str, Path]) -> dict[Path, list[str]]:
@@ -244,7 +270,7 @@ class CheckpointWriter:
         if not self._buffer:
             return
         number = len(self._shards) + 1
-        save_file(self._buffer, str(self.path / f"part-{number:05d}.safetensors"), metadata={"format": "pt"})
+        save_safetensors(self._buffer, self.path / f"part-{number:05d}.safetensors")
         self._shards.append(list(self._buffer))
         self._buffer, self._buffer_bytes = {}, 0
 
@@ -264,6 +290,20 @@ class CheckpointWriter:
             (self.path / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         else:
             config.save_pretrained(self.path)
+
+
+def save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    """safetensors' save_file, with its I/O failures (full disk, file-size limits) raised as the OSError
+    they are, naming the file: safetensors reports them as its own error type with the errno in the text."""
+    try:
+        save_file(tensors, str(path), metadata={"format": "pt", **(metadata or {})})
+    except Exception as e:
+        text = str(e)
+        m = re.search(r"os error (\d+)", text)
+        if m is None:
+            raise
+        code = int(m.group(1))
+        raise OSError(code, os.strerror(code), str(path)) from None
 
 
 def _slice_bytes(sl: Any) -> int:

@@ -1,7 +1,8 @@
 """The `llmslim` command: run, validate, check, eval.
 
-User errors print one line each and exit 2; Ctrl-C exits 130 with a note on how to resume; anything
-else is a bug and keeps its traceback.
+Exit codes: 0 done; 2 a user error or a refusal (one line each, no traceback), also for file-system
+errors (full disk, permissions); 3 the export was written but a measurement the recipe asked for failed;
+130 interrupted (Ctrl-C), with a note on how to resume. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -132,7 +133,7 @@ def cmd_validate(args: argparse.Namespace, console: Any, progress: Progress) -> 
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.set)
-    _, _, _, rows, _ = prepare(recipe, Workspace(recipe.spec.output))
+    _, _, _, rows, _ = prepare(recipe, Workspace(recipe.spec.output), replace_output=args.replace_output)
     _stdout().print(plan_table(rows))
     console.print(f"{args.recipe}: valid, {len(recipe.stages)} stage(s)")
     return 0
@@ -148,7 +149,8 @@ def cmd_run(args: argparse.Namespace, console: Any, progress: Progress) -> int:
     out = _stdout()
     bars = getattr(progress, "bars", None)
     with bars if bars is not None else nullcontext():
-        report = run(recipe, fresh=args.fresh, progress=progress, on_plan=lambda rows: out.print(plan_table(rows)))
+        report = run(recipe, fresh=args.fresh, replace_output=args.replace_output, progress=progress,
+                     on_plan=lambda rows: out.print(plan_table(rows)))
     out.print(summary_table(report))
     out.print(f"export: {report['output']}  (report: {report['output']}/llmslim_report.md)")
     return 0
@@ -215,11 +217,16 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run a recipe: stages, export, check, report")
     r.add_argument("recipe")
     add_overrides(r)
-    r.add_argument("--fresh", action="store_true", help="discard earlier progress of this recipe's output")
+    r.add_argument("--replace-output", action="store_true",
+                   help="when `output` holds something llmslim did not write, move it aside (renamed "
+                        "<output>.replaced-<time>, never deleted) instead of refusing")
+    r.add_argument("--fresh", action="store_true",
+                   help="discard earlier progress and the earlier export of this output (only what llmslim wrote)")
     r.add_argument("--quiet", action="store_true", help="log lines only, no live display")
     v = sub.add_parser("validate", help="validate a recipe and print the plan; runs nothing")
     v.add_argument("recipe")
     add_overrides(v)
+    v.add_argument("--replace-output", action="store_true", help="as for run")
     v.add_argument("--quiet", action="store_true")
     c = sub.add_parser("check", help="check an exported model in vLLM and transformers")
     c.add_argument("dir")
@@ -266,6 +273,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _error(console: Any, text: str) -> None:
+    from rich.markup import escape
+
+    for line in text.splitlines():
+        console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+
+
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "check": cmd_check, "eval": cmd_eval}
 
 
@@ -275,10 +289,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return COMMANDS[args.command](args, console, progress)
     except UserError as e:
-        from rich.markup import escape
-
-        for line in str(e).splitlines():
-            console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
+        _error(console, str(e))
+        return getattr(e, "exit_code", 2)
+    except OSError as e:  # the file system said no (full disk, permissions, a vanished path): one line
+        if os.environ.get("LLMSLIM_DEBUG"):
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        _error(console, f"{where}{e.strerror or e}; completed work is kept, rerun the same command to continue "
+                        "(LLMSLIM_DEBUG=1 shows the traceback)")
         return 2
     except KeyboardInterrupt:
         console.print("interrupted: completed stages are kept; rerun the same command to continue")

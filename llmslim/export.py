@@ -15,6 +15,7 @@ import torch
 from .adapters import layer_of
 from .checkpoint import INDEX_FILE, Checkpoint, CheckpointWriter
 from .errors import UserError
+from .formats.compressed import scheme_of, stored_shapes
 from .plan import meta_model
 
 log = logging.getLogger(__name__)
@@ -67,10 +68,13 @@ def write_weights(ckpt: Checkpoint, dst: Path, dtype: torch.dtype, max_shard_byt
     writer.close(config)
 
 
-def verify_shapes(model_dir: Path) -> int:
-    """Check every tensor in the export against the shapes its config.json implies; returns the number of
-    tensors checked. Quantized (compressed-tensors) weights are checked through their recorded
-    `weight_shape`. Raises ExportError naming the first mismatch."""
+def verify_shapes(model_dir: Path, *, allow_extra: bool = False) -> int:
+    """Check every tensor in a model directory against the shapes its config.json implies; returns the
+    number of tensors checked. A quantized (compressed-tensors) Linear is held to its recorded
+    `weight_shape` and every stored tensor of it (packed weight, scale, zero point, g_idx) to what its
+    quantization scheme implies for that shape. Raises ExportError naming the first mismatch, or any
+    tensor the config does not describe (unless `allow_extra`: a source checkpoint may carry extras that
+    transformers ignores)."""
     ckpt = Checkpoint(model_dir)
     config = ckpt.config
     model = meta_model(config, torch.float32)
@@ -78,34 +82,55 @@ def verify_shapes(model_dir: Path) -> int:
     expected = ckpt.adapter.to_disk({k: v for k, v in model.state_dict().items()
                                      if not (tied and k == "lm_head.weight")})
     found = ckpt.shapes()
-    quant_shapes = {}
-    shape_names = [n for n in found if n.endswith(".weight_shape")]
+    quantized = {n[: -len(".weight_scale")] for n in found if n.endswith(".weight_scale")}
+    qconfig = getattr(config, "quantization_config", None)
+    if quantized and qconfig is None:
+        raise ExportError(f"{model_dir}: {sorted(quantized)[0]} is stored quantized but config.json has no "
+                          "quantization_config")
+    qdict = qconfig if isinstance(qconfig, dict) else (qconfig.to_dict() if qconfig is not None else {})
+    recorded = {}
+    shape_names = [n + ".weight_shape" for n in quantized if n + ".weight_shape" in found]
     if shape_names:
-        quant_shapes = {n[: -len("_shape")]: tuple(int(x) for x in t.tolist())
-                        for n, t in ckpt.read(shape_names).items()}
+        recorded = {n[: -len("_shape")]: tuple(int(x) for x in t.tolist()) for n, t in ckpt.read(shape_names).items()}
     for name, tensor in expected.items():
         want = tuple(tensor.shape)
-        got = found.get(name) or quant_shapes.get(name)
+        got = found.get(name) or recorded.get(name)
         if got is None:
             raise ExportError(f"{model_dir}: tensor {name} is missing (config.json implies shape {list(want)})")
         if tuple(got) != want:
             raise ExportError(f"{model_dir}: tensor {name} has shape {list(got)} but config.json implies {list(want)}")
-    # compressed-tensors keeps a quantized Linear's parameters beside (int-quantized) or instead of
-    # (pack-quantized, checked through weight_shape above) its weight
+        base = name[: -len(".weight")] if name.endswith(".weight") else None
+        if base in quantized:
+            _verify_quantized(model_dir, base, want, qdict, found)
     stray = [n for n in found if n not in expected and not (
-        n.rsplit(".", 1)[-1] in QUANT_PARAMS and n.rsplit(".", 1)[0] + ".weight" in expected)]
-    if stray:
+        n.rsplit(".", 1)[-1] in QUANT_PARAMS and n.rsplit(".", 1)[0] in quantized)]
+    if stray and not allow_extra:
         raise ExportError(f"{model_dir}: tensors not described by config.json: {stray[:4]}")
     return len(expected)
 
 
-def finalize(tmp: Path, output: Path, trash: Path) -> None:
-    """Atomically move the finished export `tmp` to `output` (an older export there is replaced)."""
-    if trash.exists():
-        shutil.rmtree(trash)
-    if output.exists():
-        os.replace(output, trash)
-    os.replace(tmp, output)
-    if trash.exists():
-        shutil.rmtree(trash)
+def _verify_quantized(model_dir: Path, base: str, shape: tuple[int, ...], qconfig: dict,
+                      found: dict[str, tuple[int, ...]]) -> None:
+    """Every stored tensor of the quantized Linear `base` has the shape its scheme implies."""
+    try:
+        scheme = scheme_of(base, qconfig)
+    except ValueError as e:
+        raise ExportError(f"{model_dir}: {e}") from None
+    want = stored_shapes(shape[0], shape[1], scheme, has_g_idx=f"{base}.weight_g_idx" in found)
+    for key, dims in want.items():
+        got = found.get(f"{base}.{key}")
+        if got is None:
+            raise ExportError(f"{model_dir}: tensor {base}.{key} is missing (its quantization scheme implies "
+                              f"shape {list(dims)})")
+        if tuple(got) != dims:
+            raise ExportError(f"{model_dir}: tensor {base}.{key} has shape {list(got)} but W{scheme.bits} "
+                              f"{scheme.strategy} quantization of a {list(shape)} weight implies {list(dims)}")
+    extra = [k for k in QUANT_PARAMS + ("weight",) if f"{base}.{k}" in found and k not in want]
+    if extra:
+        raise ExportError(f"{model_dir}: tensor {base}.{extra[0]} is not part of its quantization scheme "
+                          f"(W{scheme.bits} {scheme.format}, {'' if scheme.symmetric else 'a'}symmetric)")
 
+
+def weight_bytes(path: Path) -> int:
+    """Bytes of the safetensors files in a model directory."""
+    return sum(f.stat().st_size for f in path.glob("*.safetensors"))

@@ -113,7 +113,7 @@ def forward_layer(layer: nn.Module, inputs: LayerInputs) -> None:
 class Step:
     """One layer of a walk: the caller calibrates/edits `layer` on `inputs`. It may set `outputs` (e.g.
     when it already ran the final layer on the inputs); otherwise the walk runs the layer, as edited,
-    to make the next layer's inputs (true-sequential: layer i+1 sees what edited layer i produces)."""
+    to make the next layer's inputs (sequential: layer i+1 sees what edited layer i produces)."""
 
     index: int
     layer: nn.Module

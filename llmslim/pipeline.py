@@ -1,9 +1,15 @@
 """The runner: source model -> stages (each leaving a checkpoint) -> verified, checked export -> report.
 
-Work files live in `<output>.work/` beside the export: `state.json` (what is done, with the recipe hash
-of each stage), `stages/NN-method/` (the checkpoint after each completed stage; older ones are removed as
-newer ones land) and `export.tmp/` (the export being assembled). Rerunning the same command continues
-after the last completed stage; a recipe whose stages changed is refused unless `--fresh`.
+A run is a chain of units of work, each recorded when it completes, so that a rerun of the same command
+after a kill anywhere continues from the last completed one (work files: see workspace.py):
+- the original model's evaluation (state.json `eval_before`);
+- each stage: its checkpoint is complete once renamed from `.tmp` and carries its own record
+  (llmslim_stage.json), so a kill between the rename and the state update loses nothing; inside a stage,
+  per-layer progress in its scratch directory (gptq, rtn);
+- the export's files, its check, its evaluation (publish.py), and the rename into place.
+Only the latest completed stage's checkpoint is kept; a rerun whose latest checkpoint has gone missing
+redoes the stages after the latest one that is still there. A recipe whose stages changed is refused
+unless --fresh.
 """
 
 from __future__ import annotations
@@ -11,7 +17,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import shutil
 import time
 from collections.abc import Callable
@@ -19,45 +24,30 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
-from .check import CheckError, check_export
-from .checkpoint import DTYPES, Checkpoint, LazyModel, copy_side_files, parse_size
+from . import cpu
+from .checkpoint import DTYPES, Checkpoint, copy_side_files
 from .data import DataHub
 from .errors import UserError
-from .export import finalize, verify_shapes, write_weights
+from .export import verify_shapes, weight_bytes
+from .faults import crash_point
+from .loading import download, load_tokenizer, looks_like_hub_id
 from .memory import PeakMemory
 from .plan import PlanState, make_plan
 from .progress import Progress
-from .recipe import EvalConfig, Recipe
+from .recipe import Recipe
 from .registry import load_methods
-from .report import SCHEMA_VERSION, render_markdown, versions
 from .stage import StageContext
+from .workspace import (
+    STAGE_RECORD,
+    Workspace,
+    check_output_paths,
+    completed_units,
+    output_problem,
+    write_json_atomic,
+)
 
 log = logging.getLogger(__name__)
-
-
-class Workspace:
-    """Paths of one run's work files, and its state.json."""
-
-    def __init__(self, output: str | Path):
-        self.output = Path(output)
-        self.root = self.output.with_name(self.output.name + ".work")
-        self.state_file = self.root / "state.json"
-        self.export_tmp = self.root / "export.tmp"
-        self.trash = self.root / "old-export"
-
-    def stage_dir(self, index: int, method: str) -> Path:
-        return self.root / "stages" / f"{index:02d}-{method}"
-
-    def load_state(self) -> dict[str, Any]:
-        return json.loads(self.state_file.read_text()) if self.state_file.is_file() else {}
-
-    def save_state(self, state: dict[str, Any]) -> None:
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.state_file.with_suffix(".tmp")
-        tmp.write_text(json.dumps(state, indent=2))
-        os.replace(tmp, self.state_file)  # a crash never leaves a half-written state
 
 
 # ---------------------------------------------------------------- model source
@@ -69,9 +59,9 @@ def resolve_source(recipe: Recipe, work: Workspace) -> Path:
     spec = recipe.spec
     path = Path(spec.model)
     if not path.exists():
-        if not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", spec.model) or spec.model.startswith((".", "/")):
+        if not looks_like_hub_id(spec.model):
             raise UserError(f"model: {spec.model}: no such directory")
-        path = _download(spec.model, spec.revision, spec.use_safetensors)
+        path = download(spec.model, spec.revision, spec.use_safetensors)
     if not (path / "config.json").is_file():
         raise UserError(f"model: {path}: not a model directory (no config.json)")
     has_st = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
@@ -87,78 +77,29 @@ def resolve_source(recipe: Recipe, work: Workspace) -> Path:
         from transformers import AutoModelForCausalLM
 
         log.info("converting pickled weights of %s to safetensors in %s", path, converted)
+        work.create()
         model = AutoModelForCausalLM.from_pretrained(path, use_safetensors=False, trust_remote_code=spec.trust_remote_code)
         model.save_pretrained(converted)
         copy_side_files(path, converted)
     return converted
 
 
-def _download(repo_id: str, revision: str | None, safetensors_only: bool) -> Path:
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
-    if not safetensors_only:
-        patterns.append("*.bin")
-    try:
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns))
-    except Exception as e:
-        raise UserError(f"model: '{repo_id}' is not a local directory and could not be fetched from the Hugging "
-                        f"Face Hub ({type(e).__name__}); check the path, or the id and your network") from None
-
-
-def load_tokenizer(path: Path):
-    """The model's tokenizer, or None when the directory has none (tiny test models)."""
-    from transformers import AutoTokenizer
-
-    if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json")):
-        return None
-    return AutoTokenizer.from_pretrained(path)
-
-
-# ---------------------------------------------------------------- evaluation
-
-
-def evaluate(model_dir: Path, spec: EvalConfig, data: DataHub, dtype: torch.dtype, progress: Progress,
-             label: str, log_dir: Path | None = None) -> dict[str, Any]:
-    """The eval harness's entry for the model in `model_dir` (llmslim.evaluate): size, perplexity on each
-    named source (as transformers loads the model), throughput and lm-eval tasks when the recipe asks."""
-    from .evaluate.harness import PplJob, measure_model, throughput_settings
-
-    def stream(name: str) -> Callable[[Any], torch.Tensor]:
-        return lambda _tokenizer: data.stream(name)  # the recipe's sources are tokenized by the DataHub
-
-    jobs = [PplJob(name, stream(name), data.seq_len(name), data.sources[name].samples, spec.stride)
-            for name in spec.perplexity]
-    backends, settings = throughput_settings(spec.throughput)
-    return measure_model(model_dir, name="original" if label == "before" else "export",
-                         role="baseline" if label == "before" else "model", ppl=jobs, dtype=dtype,
-                         backends=backends, throughput=settings, tasks=spec.tasks, task_limit=spec.task_limit,
-                         progress=progress, log_dir=log_dir, tokenizer=data.tokenizer)
-
-
-# ---------------------------------------------------------------- the run
+# ---------------------------------------------------------------- dtypes and devices
 
 
 def working_dtype(recipe: Recipe, source: Checkpoint) -> torch.dtype:
     return source.dtype if recipe.spec.dtype == "auto" else DTYPES[recipe.spec.dtype]
 
 
-def cpu_has_native_bf16() -> bool:
-    """AVX512_BF16 or AMX: bf16 matmuls run at about twice the float32 rate instead of being emulated."""
-    cpu = torch.cpu
-    return bool(getattr(cpu, "_is_avx512_bf16_supported", lambda: False)()
-                or getattr(cpu, "_is_amx_tile_supported", lambda: False)())
-
-
 def compute_dtype(recipe: Recipe, dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype of calibration work, when the recipe says auto: `dtype` on a GPU, and on a CPU `dtype`
-    only where it is bfloat16 and the CPU has native bf16 matmuls; float32 otherwise (emulated bf16 and
-    fp16 matmuls are slow there)."""
+    only where it is bfloat16 and the CPU has native bf16 matmuls (llmslim.cpu.native_bf16); float32
+    otherwise (emulated bf16 and fp16 matmuls are slow there)."""
     if recipe.spec.compute_dtype != "auto":
         return DTYPES[recipe.spec.compute_dtype]
     if device.type != "cpu":
         return dtype
-    return dtype if dtype == torch.bfloat16 and cpu_has_native_bf16() else torch.float32
+    return dtype if dtype == torch.bfloat16 and cpu.native_bf16(cpu.detect()) else torch.float32
 
 
 def pick_device(spec: str) -> torch.device:
@@ -169,15 +110,41 @@ def pick_device(spec: str) -> torch.device:
     return torch.device(spec)
 
 
-def prepare(recipe: Recipe, work: Workspace) -> tuple[Path, Checkpoint, PlanState, list, list[PlanState]]:
-    """Resolve the model and build the plan (no weights loaded)."""
+# ---------------------------------------------------------------- before anything runs
+
+
+def protected_paths(recipe: Recipe, src_dir: Path) -> list[tuple[str, Path]]:
+    """The user's inputs that the output may never overlap: the model and every local data source."""
+    out = [("model", src_dir)]
+    for name, src in recipe.spec.data.items():
+        if src.path is not None:
+            out.append((f"data.{name}.path", Path(src.path)))
+        elif src.dataset is not None and Path(src.dataset).exists():
+            out.append((f"data.{name}.dataset", Path(src.dataset)))
+    return out
+
+
+def prepare(recipe: Recipe, work: Workspace, *, replace_output: bool = False
+            ) -> tuple[Path, Checkpoint, PlanState, list, list[PlanState]]:
+    """Resolve and verify the model, check data and output paths, and build the plan (no weights loaded)."""
     src_dir = resolve_source(recipe, work)
     source = Checkpoint(src_dir, trust_remote_code=recipe.spec.trust_remote_code)
+    try:
+        verify_shapes(src_dir, allow_extra=True)
+    except UserError as e:
+        raise UserError(f"model: {e}") from None
     state = PlanState(source.config, source.adapter, working_dtype(recipe, source))
     rows, states = make_plan(recipe, state)
     for name, src in recipe.spec.data.items():
         if src.path is not None and not Path(src.path).is_file():
             raise UserError(f"{recipe.where(('data', name, 'path'))}: data.{name}.path: file not found: {src.path}")
+    check_output_paths(work, protected_paths(recipe, src_dir))
+    problem = output_problem(work.output)
+    if problem and not replace_output:
+        raise UserError(problem)
+    if not work.owns_root():
+        raise UserError(f"output: {work.root} exists and was not created by llmslim (it is where the work files "
+                        "of this output go); move it away or choose another output")
     return src_dir, source, state, rows, states
 
 
@@ -188,101 +155,55 @@ def _changed_field(old: dict, new: dict) -> str:
     return "its inputs"
 
 
-def _check_resume(recipe: Recipe, state: dict[str, Any], work: Workspace) -> None:
+def _check_resume(recipe: Recipe, state: dict[str, Any], work: Workspace, hashes: list[str]) -> None:
     old_stages = state.get("recipe", {}).get("stages", [])
     new_stages = recipe.as_dict()["stages"]
     for rec in state.get("stages", []):
         i = rec["index"]
-        if i >= len(recipe.stages) or rec["hash"] != recipe.stage_hash(i):
+        if i >= len(recipe.stages) or rec["hash"] != hashes[i]:
             what = (_changed_field(old_stages[i], new_stages[i]) if i < len(new_stages) and i < len(old_stages)
-                    else "the stage was removed")
+                    and old_stages[i] != new_stages[i] else
+                    "the stage was removed" if i >= len(new_stages) else
+                    "its model, dtype, compute dtype (as resolved on this machine), seed or data")
             raise UserError(f"{work.root}: holds a run of a different recipe (stages[{i}] {rec['method']} changed: "
                             f"{what}); rerun with --fresh to start over, or choose another output")
 
 
-def run(recipe: Recipe, *, fresh: bool = False, progress: Progress | None = None,
-        on_plan: Callable[[list], None] | None = None) -> dict[str, Any]:
-    """Run a validated recipe end to end; returns the report (also written into the export).
-    `on_plan` receives the plan rows once the plan is validated, before any work starts."""
-    progress = progress or Progress()
-    work = Workspace(recipe.spec.output)
-    src_dir, source, plan0, rows, states = prepare(recipe, work)
-    if on_plan:
-        on_plan(rows)
-    if fresh:  # start over: earlier progress and an earlier export of this output both go
-        for old in (work.root, work.output):
-            if old.exists():
-                shutil.rmtree(old)
-    dtype, device = plan0.dtype, pick_device(recipe.spec.device)
-    full_hash = recipe.full_hash()
-    state = work.load_state()
-    _check_resume(recipe, state, work)
-    if state.get("exported") == full_hash and (work.output / "llmslim_report.json").is_file():
-        log.info("%s is up to date with this recipe; use --fresh to run it again", work.output)
-        return json.loads((work.output / "llmslim_report.json").read_text())
-    state.update(recipe=recipe.as_dict(), stages=state.get("stages", []))
-    work.save_state(state)
+def _stage_record(path: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((path / STAGE_RECORD).read_text()) if (path / "config.json").is_file() else None
+    except (OSError, ValueError):
+        return None
 
-    data = DataHub(recipe.spec.data, load_tokenizer(src_dir), seed=recipe.spec.seed,
-                   max_len=getattr(source.config, "max_position_embeddings", None))
-    eval_key = json.dumps([recipe.spec.model, recipe.spec.dtype, recipe.as_dict()["eval"],
-                           {k: recipe.as_dict()["data"][k] for k in recipe.spec.eval.perplexity}], sort_keys=True)
-    if state.get("eval_before", {}).get("key") != eval_key:
-        state["eval_before"] = {"key": eval_key, **evaluate(src_dir, recipe.spec.eval, data, dtype, progress, "before",
-                                                            work.root / "eval-logs")}
-        work.save_state(state)
 
-    current = source
-    done = {rec["index"]: rec for rec in state["stages"]}
-    methods = load_methods()
-    for stage in recipe.stages:
-        final = work.stage_dir(stage.index, stage.method)
-        if stage.index in done and (final / "config.json").is_file():
-            log.info("%s: done in an earlier run, reusing %s", stage.label, final)
-            current = Checkpoint(final)
-            continue
-        if stage.index in done:
-            raise UserError(f"{final}: the checkpoint of completed {stage.label} is missing; rerun with --fresh")
-        tmp = final.with_name(final.name + ".tmp")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-        scratch = _scratch_for(final.with_name(final.name + ".scratch"), recipe.stage_hash(stage.index))
-        ctx = StageContext(recipe, stage, current, tmp, scratch, dtype, device,
-                           data, progress, states[stage.index], states[stage.index + 1],
-                           parse_size(recipe.spec.export.max_shard_size), compute_dtype(recipe, dtype, device))
-        log.info("%s: starting", stage.label)
-        started = time.perf_counter()
-        method_run = methods[stage.method].run
-        assert method_run is not None, f"{stage.method} is not implemented"
-        with PeakMemory() as mem:
-            result = method_run(ctx, stage.config)
-        seconds = time.perf_counter() - started
-        out = Checkpoint(tmp)
-        planned, produced = states[stage.index + 1].shape, out.adapter.shape(out.config)
-        if planned != produced:
-            raise RuntimeError(f"{stage.label} produced {produced} but the plan said {planned}")
-        os.replace(tmp, final)
-        if ctx.scratch_dir.exists():
-            shutil.rmtree(ctx.scratch_dir)
-        before, after = states[stage.index].size(), states[stage.index + 1].size()
-        state["stages"].append({
-            "index": stage.index, "method": stage.method, "hash": recipe.stage_hash(stage.index),
-            "seconds": round(seconds, 3), "params_before": before[0], "params_after": after[0],
-            "bytes_before": before[1], "bytes_after": _dir_weight_bytes(final), "peak_rss_bytes": mem.peak,
-            "peak_note": result.peak_note, "notes": result.notes, "summary": _summary(result.notes)})
-        work.save_state(state)
-        if current.path != source.path and current.path.parent == final.parent:
-            shutil.rmtree(current.path)  # the previous stage's checkpoint is no longer needed for resume
-        current = Checkpoint(final)
-        log.info("%s: done in %.1f s", stage.label, seconds)
-
-    report = export_and_report(recipe, work, src_dir, source, current, rows, state, data, dtype, progress)
-    state["exported"] = full_hash
-    work.save_state(state)
-    if current.path != source.path:
-        shutil.rmtree(current.path)  # the export holds the final model now
-    return report
+def resume_point(recipe: Recipe, state: dict[str, Any], work: Workspace, hashes: list[str]) -> int:
+    """The index of the last stage whose checkpoint can be continued from (-1: the source model). Adopts a
+    checkpoint that was renamed into place just before a kill, drops records whose checkpoint is gone
+    (their stages run again), and removes stale stage directories."""
+    records = {rec["index"]: rec for rec in state.get("stages", [])}
+    for stage in recipe.stages:  # completed on disk, not yet in state.json: a kill between the two
+        if stage.index not in records:
+            rec = _stage_record(work.stage_dir(stage.index, stage.method))
+            if rec is None or rec.get("hash") != hashes[stage.index]:
+                break
+            log.info("%s: found complete on disk; adopting it", stage.label)
+            records[stage.index] = rec
+    last = -1
+    for i in sorted(records, reverse=True):
+        if _stage_record(work.stage_dir(i, recipe.stages[i].method)) is not None:
+            last = i
+            break
+        log.warning("%s: its checkpoint is missing; it runs again", recipe.stages[i].label)
+    state["stages"] = [records[i] for i in sorted(records) if i <= last]
+    keep = {work.stage_dir(last, recipe.stages[last].method).name} if last >= 0 else set()
+    if last + 1 < len(recipe.stages):
+        nxt = work.stage_dir(last + 1, recipe.stages[last + 1].method)
+        keep.add(nxt.name + ".scratch")  # per-layer progress of the next stage (checked by _scratch_for)
+    if work.stages.is_dir():
+        for p in work.stages.iterdir():
+            if p.name not in keep:
+                shutil.rmtree(p) if p.is_dir() else p.unlink()
+    return last
 
 
 def _scratch_for(path: Path, stage_hash: str) -> Path:
@@ -296,72 +217,111 @@ def _scratch_for(path: Path, stage_hash: str) -> Path:
     return path
 
 
-def _dir_weight_bytes(path: Path) -> int:
-    return sum(f.stat().st_size for f in path.glob("*.safetensors"))
-
-
 def _summary(notes: dict[str, Any]) -> dict[str, Any]:
     """The short notes worth a column in the report table."""
     return {k: v for k, v in notes.items() if not isinstance(v, (list, dict)) or len(v) <= 8}
 
 
-def export_and_report(recipe: Recipe, work: Workspace, src_dir: Path, source: Checkpoint, final: Checkpoint,
-                      rows: list, state: dict[str, Any], data: DataHub, dtype: torch.dtype,
-                      progress: Progress) -> dict[str, Any]:
-    tmp = work.export_tmp
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    spec = recipe.spec
-    quantized = getattr(final.config, "quantization_config", None) is not None
-    fmt = "compressed-tensors" if quantized else "hf"
-    if spec.export.format not in ("auto", fmt):
-        raise UserError(f"export.format: '{spec.export.format}' cannot hold this model "
-                        f"({'quantized' if quantized else 'not quantized'}); use auto or {fmt}")
-    with progress.track("writing export", None):
-        write_weights(final, tmp, dtype, parse_size(spec.export.max_shard_size))
-        copy_side_files(src_dir, tmp)
-        (tmp / "llmslim_recipe.yaml").write_text(yaml.safe_dump(recipe.as_dict(), sort_keys=False))
-        checked = verify_shapes(tmp)
-    log.info("export: %d tensors match config.json", checked)
+# ---------------------------------------------------------------- the run
 
-    check = None
-    if spec.export.check != "none":
-        # The model as our own loader sees it (quantized weights decoded by us), to compare with transformers'
-        # reload: an export that loads but computes something else (e.g. weights re-initialised) fails here.
-        # In float32, as the check loads transformers' side: dense weights as written (in `dtype`), upcast;
-        # quantized weights (their files are linked unchanged) decoded in float32 as transformers decodes them.
-        reference = (LazyModel(final, torch.float32) if quantized else LazyModel(final, dtype)).materialize_all().float()
-        with progress.track(f"checking export ({spec.export.check})", None):
-            try:
-                check = check_export(tmp, spec.export.check, reference=reference).as_dict()
-            except CheckError as e:
-                raise CheckError(f"{e} — the export was left in {tmp} for inspection") from None
-        del reference
-        log.info("check: %s", check["detail"])
 
-    eval_after = evaluate(tmp, spec.eval, data, dtype, progress, "after", work.root / "eval-logs")
-    eval_after["path"] = str(work.output)
-    eval_before = {k: v for k, v in state["eval_before"].items() if k != "key"}
-    if spec.eval.perplexity or spec.eval.throughput or spec.eval.tasks:
-        from .evaluate.harness import new_report, recipe_settings, write_outputs
+def run(recipe: Recipe, *, fresh: bool = False, replace_output: bool = False, progress: Progress | None = None,
+        on_plan: Callable[[list], None] | None = None) -> dict[str, Any]:
+    """Run a validated recipe end to end; returns the report (also written into the export).
+    `on_plan` receives the plan rows once the plan is validated, before any work starts."""
+    from .publish import evaluate, export_and_report, failed_measurements, up_to_date_report
 
-        write_outputs(new_report(f"llmslim run {recipe.source}", recipe_settings(spec.eval, dtype),
-                                 [eval_before, eval_after]), tmp / "eval")
-    before_size, after_size = rows[0], PlanState(Checkpoint(tmp).config, source.adapter, dtype).size()
-    report = {
-        "schema_version": SCHEMA_VERSION, "model": spec.model, "output": str(work.output),
-        "recipe_hash": recipe.stage_hash(len(recipe.stages) - 1) if recipe.stages else "none",
-        "dtype": str(dtype).removeprefix("torch."),
-        "export": {"format": fmt, "files": sorted(p.name for p in tmp.iterdir())},
-        "plan": [{"label": r.label, **r.shape.__dict__, "params": r.params, "bytes": r.bytes} for r in rows],
-        "stages": state["stages"],
-        "size": {"before": {"params": before_size.params, "bytes": _dir_weight_bytes(src_dir)},
-                 "after": {"params": after_size[0], "bytes": _dir_weight_bytes(tmp)}},
-        "eval": {"before": eval_before, "after": eval_after},
-        "check": check, "versions": versions(),
-    }
-    (tmp / "llmslim_report.json").write_text(json.dumps(report, indent=2) + "\n")
-    (tmp / "llmslim_report.md").write_text(render_markdown(report))
-    finalize(tmp, work.output, work.trash)
-    log.info("exported to %s", work.output)
+    progress = progress or Progress()
+    work = Workspace(recipe.spec.output)
+    src_dir, source, plan0, rows, states = prepare(recipe, work, replace_output=replace_output)
+    if on_plan:
+        on_plan(rows)
+    if fresh:  # start over: earlier progress and an earlier export of ours go; nothing else
+        work.remove_own()
+    work.create()
+    work.recover()
+    dtype, device = plan0.dtype, pick_device(recipe.spec.device)
+    cdt = compute_dtype(recipe, dtype, device)
+    hashes = [recipe.stage_hash(i, str(cdt).removeprefix("torch.")) for i in range(len(recipe.stages))]
+    state = work.load_state()
+    _check_resume(recipe, state, work, hashes)
+    full_hash = recipe.full_hash()
+    report = up_to_date_report(work, state, full_hash)
+    if report is not None:
+        log.info("%s is up to date with this recipe; use --fresh to run it again", work.output)
+        return report
+    state["recipe"] = recipe.as_dict()
+    if units := completed_units(work):
+        log.info("resuming %s: done in earlier runs: %s", work.output, ", ".join(units))
+    last = resume_point(recipe, state, work, hashes)
+    work.save_state(state)
+
+    data = DataHub(recipe.spec.data, load_tokenizer(src_dir), seed=recipe.spec.seed,
+                   max_len=getattr(source.config, "max_position_embeddings", None))
+    eval_key = json.dumps([recipe.spec.model, recipe.spec.dtype, recipe.as_dict()["eval"],
+                           {k: recipe.as_dict()["data"][k] for k in recipe.spec.eval.perplexity}], sort_keys=True)
+    cached = state.get("eval_before") or {}
+    if cached.get("key") != eval_key or failed_measurements(cached, "original"):  # failures are measured again
+        state["eval_before"] = {"key": eval_key, **evaluate(src_dir, recipe.spec.eval, data, dtype, progress, "before",
+                                                            work.root / "eval-logs")}
+        work.save_state(state)
+        crash_point("eval.before")
+    else:
+        log.info("original model: reusing its measurements from an earlier run")
+
+    current = source if last < 0 else Checkpoint(work.stage_dir(last, recipe.stages[last].method))
+    methods = load_methods()
+    for stage in recipe.stages:
+        final = work.stage_dir(stage.index, stage.method)
+        if stage.index <= last:
+            log.info("%s: done in an earlier run, reusing %s", stage.label, final)
+            continue
+        tmp = final.with_name(final.name + ".tmp")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        scratch = _scratch_for(final.with_name(final.name + ".scratch"), hashes[stage.index])
+        ctx = StageContext(recipe, stage, current, tmp, scratch, dtype, device,
+                           data, progress, states[stage.index], states[stage.index + 1],
+                           _shard_bytes(recipe), cdt)
+        log.info("%s: starting", stage.label)
+        crash_point("stage.start")
+        started = time.perf_counter()
+        method_run = methods[stage.method].run
+        assert method_run is not None, f"{stage.method} is not implemented"
+        with PeakMemory() as mem:
+            result = method_run(ctx, stage.config)
+        seconds = time.perf_counter() - started
+        out = Checkpoint(tmp)
+        planned, produced = states[stage.index + 1].shape, out.adapter.shape(out.config)
+        if planned != produced:
+            raise RuntimeError(f"{stage.label} produced {produced} but the plan said {planned}")
+        before, after = states[stage.index].size(), states[stage.index + 1].size()
+        record = {
+            "index": stage.index, "method": stage.method, "hash": hashes[stage.index],
+            "seconds": round(seconds, 3), "params_before": before[0], "params_after": after[0],
+            "bytes_before": before[1], "bytes_after": weight_bytes(tmp), "peak_rss_bytes": mem.peak,
+            "peak_note": result.peak_note, "notes": result.notes, "summary": _summary(result.notes)}
+        write_json_atomic(tmp / STAGE_RECORD, record)  # the checkpoint carries its own record
+        crash_point("stage.written")
+        os.replace(tmp, final)
+        crash_point("stage.renamed")
+        state["stages"].append(record)
+        work.save_state(state)
+        crash_point("stage.recorded")
+        if ctx.scratch_dir.exists():
+            shutil.rmtree(ctx.scratch_dir)
+        if current.path != source.path and current.path.parent == final.parent:
+            shutil.rmtree(current.path)  # the previous stage's checkpoint is no longer needed for resume
+        current = Checkpoint(final)
+        log.info("%s: done in %.1f s", stage.label, seconds)
+
+    report = export_and_report(recipe, work, src_dir, source, current, rows, state, data, dtype, progress,
+                               replace_output=replace_output, full_hash=full_hash)
     return report
+
+
+def _shard_bytes(recipe: Recipe) -> int:
+    from .checkpoint import parse_size
+
+    return parse_size(recipe.spec.export.max_shard_size)

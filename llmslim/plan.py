@@ -45,7 +45,8 @@ class PlanState:
     quant: WeightFormat | None = None
 
     def with_config(self, config: PretrainedConfig) -> PlanState:
-        return replace(self, config=config)
+        """This state with a new config (and the adapter of its architecture, which a stage may change)."""
+        return replace(self, config=config, adapter=Adapter.for_config(config))
 
     @property
     def shape(self) -> ModelShape:

@@ -199,18 +199,19 @@ class Recipe:
         d["stages"] = [{"method": s.method, **s.config.model_dump(mode="json")} for s in self.stages]
         return d
 
-    def stage_hash(self, upto: int) -> str:
+    def stage_hash(self, upto: int, compute_dtype: str | None = None) -> str:
         """Hash of everything that determines the checkpoint after stage `upto` (inclusive): model, dtype,
-        seed, the stages so far and the data they read. Changing eval/export/push does not invalidate it."""
+        seed, the stages so far and the data they read, and the compute dtype as resolved on this machine
+        (`compute_dtype`; `auto` means bf16 on some CPUs and float32 on others, so a resume on another
+        kind of machine must not mix layers calibrated both ways). eval/export/push do not count."""
         d = self.as_dict()
         used = {n for s in self.stages[: upto + 1] if (n := s.config.data_source()) is not None}
         key = {
-            "model": d["model"], "revision": d["revision"], "dtype": d["dtype"], "compute_dtype": d["compute_dtype"],
-            "seed": d["seed"],
+            "model": d["model"], "revision": d["revision"], "dtype": d["dtype"],
+            "compute_dtype": compute_dtype or d["compute_dtype"], "seed": d["seed"],
             "stages": d["stages"][: upto + 1], "data": {k: d["data"][k] for k in sorted(used)},
         }
         return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-
 
     def full_hash(self) -> str:
         """Hash of the whole effective recipe (stages, export, eval and all)."""

@@ -242,26 +242,34 @@ def greedy(model: torch.nn.Module, prompts: list[list[int]], n: int) -> list[lis
 
 @pytest.mark.vllm
 def test_vllm_serves_w8a8_and_loads_w4a16(tmp_path):
-    from llmslim.check import run_vllm_jobs
+    """Both formats as vLLM runs them on this machine (llmslim.cpu's table decides the dtype and how the
+    tokens are judged; tests/test_cpu.py walks the other rows)."""
+    from llmslim.check import near_tie_violations, run_vllm_jobs, vllm_run_for
 
     w8a8, w4a16 = tmp_path / "w8a8", tmp_path / "w4a16-tied"
     export(build(), QuantScheme(8, -1, True, 8), w8a8, torch.bfloat16)
     export(build(tied=True, seed=1), QuantScheme(4, 32, True), w4a16, torch.bfloat16)
-    job = dict(dtype="float32", prompts=PROMPTS, max_tokens=16, max_model_len=64)
-    # the weight-only kernel takes 16-bit activations only
-    res_w8a8, res_w4 = run_vllm_jobs([dict(job, model=str(w8a8)), dict(job, model=str(w4a16), dtype="bfloat16")],
-                                     timeout=600)
+    plan8, plan4 = vllm_run_for(w8a8), vllm_run_for(w4a16)
+    job = dict(prompts=PROMPTS, max_tokens=16, max_model_len=64)
+    res_w8a8, res_w4 = run_vllm_jobs([dict(job, model=str(w8a8), dtype=plan8.dtype),
+                                      dict(job, model=str(w4a16), dtype=plan4.dtype)], timeout=600)
 
-    # W8A8: vLLM's int8 kernels == transformers with per-token int8 activations emulated
+    # W8A8: vLLM's int8 kernels == transformers with per-token int8 activations emulated: exactly in float32,
+    # up to near-ties where the kernel needs bf16 (AMX); where it saturates (no VNNI) it only has to run
     assert res_w8a8.get("loaded") and "tokens" in res_w8a8, res_w8a8
+    assert [len(t) for t in res_w8a8["tokens"]] == [16] * len(PROMPTS)
     reference = load(w8a8, torch.float32)
     emulate_activation_quant(reference, bits=8)
-    assert res_w8a8["tokens"] == greedy(reference, PROMPTS, 16)
+    if plan8.faithful and plan8.exact:
+        assert res_w8a8["tokens"] == greedy(reference, PROMPTS, 16)
+    elif plan8.faithful:
+        assert near_tie_violations(reference, PROMPTS, res_w8a8["tokens"])[0] == []
 
     # W4A16 (tied embeddings, lm_head ignored): the engine loads it; it generates where vLLM loads its
     # AVX-512 kernel library (which has the kernel) and fails for want of the kernel elsewhere
     assert res_w4.get("loaded"), res_w4
-    if torch.cpu._is_avx512_supported():
+    if plan4.generates:
         assert [len(t) for t in res_w4.get("tokens", [])] == [16] * len(PROMPTS), res_w4
+        assert near_tie_violations(load(w4a16, torch.float32), PROMPTS, res_w4["tokens"])[0] == []
     else:
         assert KERNEL_ERROR in res_w4.get("generate_error", ""), res_w4

@@ -279,11 +279,18 @@ def test_w8a8_serves_in_vllm_and_w4a16_loads(tiny_tok, tmp_path):
         report = run(parse_recipe(make_recipe(tmp_path / name, tiny_tok(arch), [stage])))
         outs.append(report["output"])
     results = check_exports(outs, "vllm")
-    for r in results[:2]:
-        assert r.passed and r.generated and "agree" in r.detail, r.detail
+    from llmslim.check import vllm_run_for
+
+    for out, r in zip(outs[:2], results[:2]):
+        plan = vllm_run_for(out)
+        assert r.passed, r.detail
+        if plan.faithful:  # compared: exactly, or up to near-ties where vLLM must run in bf16 (AMX)
+            assert r.generated and "agree" in r.detail, r.detail
+        else:  # no VNNI: vLLM's int8 GEMM saturates; the check says so instead of comparing
+            assert not r.generated and "no VNNI" in r.detail and "generates with it" in r.detail, r.detail
     w4 = results[2]
     assert w4.passed, w4.detail
-    if torch.cpu._is_avx512_supported():  # vLLM's AVX-512 build has the weight-only kernel: it generates
+    if vllm_run_for(outs[2]).generates:  # vLLM's AVX-512 build has the weight-only kernel: it generates
         assert w4.generated and "(bfloat16 activations" in w4.detail and "agrees with transformers" in w4.detail
     else:
         assert not w4.generated and w4.detail.startswith("vLLM loads the export") and "AVX-512" in w4.detail

@@ -4,6 +4,7 @@ criterion, plan == export, clear errors, exports that vLLM serves, and the Minit
 from __future__ import annotations
 
 import copy
+import json
 import os
 import shutil
 import subprocess
@@ -19,6 +20,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
 
 from llmslim.adapters import Adapter
 from llmslim.check import check_exports
+from llmslim.checkpoint import Checkpoint
 from llmslim.errors import RecipeError
 from llmslim.methods import importance as imp
 from llmslim.methods.prune_ffn import FfnPruner
@@ -80,7 +82,8 @@ CASES = [
      {"ratio": 0.5, "criterion": "magnitude"}),
     ("mistral", "mistral", {}, {"kv_heads": 1, "criterion": "magnitude"},
      {"intermediate_size": 192, "criterion": "taylor"}),
-    ("qwen2", "qwen2", {}, None, {"ratio": 0.5, "criterion": "random"}),  # no head pruning: see HEAD_DIM_FROM_HIDDEN
+    ("qwen2", "qwen2", {}, {"kv_heads": 1, "criterion": "activation"},  # exported as Llama: qwen2_as_llama
+     {"ratio": 0.5, "criterion": "random"}),
     ("qwen3-tied", "qwen3", {"tied": True}, {"kv_heads": 1, "criterion": "taylor"},
      {"intermediate_size": 128, "criterion": "activation"}),
     ("mixtral", "mixtral", {}, {"kv_heads": 1, "criterion": "random"},
@@ -316,10 +319,9 @@ def test_random_criterion_follows_the_recipe_seed(model_with_tokenizer, tmp_path
      r"100 is not a multiple of multiple_of \(64\): use 64 or 128, or lower multiple_of"),
     ("llama", {"method": "prune_ffn", "ratio": 0.1, "criterion": "magnitude"},
      r"ratio 0.1 of the FFN width 256 gives 230.4, which rounds to 256 with multiple_of 64: nothing would be removed"),
-    ("qwen2", {"method": "prune_heads", "kv_heads": 1, "criterion": "magnitude"},
-     r"stages\[0\]\.kv_heads: qwen2 models cannot lose heads: vLLM derives their head_dim as hidden_size / "
-     r"num_attention_heads \(128 / 2 after pruning\)"),
-    ("qwen2_moe", {"method": "prune_heads", "ratio": 0.5, "criterion": "magnitude"}, r"ratio: qwen2_moe models cannot"),
+    ("qwen2_moe", {"method": "prune_heads", "ratio": 0.5, "criterion": "magnitude"},
+     r"stages\[0\]\.ratio: qwen2_moe models cannot lose heads: vLLM derives their head_dim as hidden_size / "
+     r"num_attention_heads \(128 / 2 after pruning\).*no other MoE architecture"),
     ("qwen2_moe", {"method": "prune_ffn", "intermediate_size": 32, "criterion": "magnitude"},
      r"32 is not a multiple of multiple_of \(64\), or lower multiple_of"),
 ])
@@ -327,6 +329,37 @@ def test_impossible_targets_are_refused_by_the_plan(tiny, tmp_path, arch, stage,
     recipe = parse_recipe(recipe_text(tmp_path, tiny(arch), [stage]))
     with pytest.raises(RecipeError, match=message):
         prepare(recipe, Workspace(recipe.spec.output))
+
+
+def test_sliding_window_qwen2_cannot_lose_heads(tmp_path):
+    from tiny_models import save_tiny
+
+    src = save_tiny("qwen2", tmp_path / "m", use_sliding_window=True, sliding_window=64,
+                    layer_types=["full_attention", "full_attention", "sliding_attention", "sliding_attention"])
+    recipe = parse_recipe(recipe_text(tmp_path, src, [{"method": "prune_heads", "kv_heads": 1,
+                                                       "criterion": "magnitude"}]))
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.kv_heads: this Qwen2 model uses sliding-window attention"):
+        prepare(recipe, Workspace(recipe.spec.output))
+
+
+def test_head_pruned_qwen2_is_exported_as_llama_with_its_tokenizer(pruned):
+    """Qwen2 with q/k/v biases, untied head, head_dim 32, kv_heads 2 -> 1: a LlamaForCausalLM whose o_proj
+    bias is zero, same tokenizer files (logits: test_pruning_equals_masking...; vLLM: the vLLM test)."""
+    src, _, report = pruned("qwen2")
+    out = Path(report["output"])
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["model_type"] == "llama"
+    assert config["attention_bias"] is True and config["head_dim"] == 32 and config["num_key_value_heads"] == 1
+    assert config["tie_word_embeddings"] is False
+    notes = report["stages"][0]["notes"]
+    assert notes["architecture"].startswith("Qwen2ForCausalLM -> LlamaForCausalLM: vLLM's Qwen2 derives head_dim")
+    ckpt = Checkpoint(out)
+    biases = ckpt.read([n for n in ckpt.names if n.endswith("o_proj.bias")])
+    assert len(biases) == 4 and all(not b.any() for b in biases.values())
+    q_bias = ckpt.read(["model.layers.0.self_attn.q_proj.bias"])["model.layers.0.self_attn.q_proj.bias"]
+    assert q_bias.shape == (64,) and q_bias.abs().sum() > 0
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()
 
 
 @pytest.mark.parametrize("stage, message", [

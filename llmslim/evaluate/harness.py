@@ -30,6 +30,7 @@ from typing import Any
 
 import torch
 
+from .. import loading
 from ..errors import UserError
 from ..progress import Progress
 from ..report import versions
@@ -84,15 +85,7 @@ def environment() -> dict[str, Any]:
 
 def resolve_model(spec: str) -> Path:
     """A local model directory for MODEL (a Hub id is downloaded, safetensors only)."""
-    path = Path(spec).expanduser()
-    if not path.exists():
-        if spec.startswith((".", "/", "~")) or not re.fullmatch(r"[\w.-]+/[\w.-]+", spec):
-            raise UserError(f"{spec}: no such model directory")
-        from ..pipeline import _download
-
-        path = _download(spec, None, True)
-    if not (path / "config.json").is_file():
-        raise UserError(f"{spec}: not a model directory (no config.json)")
+    path = loading.resolve_model(spec, field="MODEL")
     if not list(path.glob("*.safetensors")):
         raise UserError(f"{spec}: no safetensors weights in the directory")
     return path
@@ -298,7 +291,6 @@ def _check_tokens(label: str, stream: torch.Tensor, req: EvalRequest, context: i
 
 def run_eval(req: EvalRequest, progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate the baseline (when given) and each model; write the outputs into `req.out`."""
-    from ..pipeline import load_tokenizer
     from .sources import load_source_text, parse_source
 
     progress = progress or Progress()
@@ -337,7 +329,7 @@ def run_eval(req: EvalRequest, progress: Progress | None = None) -> dict[str, An
     streams: dict[tuple[str, str], torch.Tensor] = {}  # (source, tokenizer hash) -> tokens, shared by models
     tokenizers = []
     for path in paths:
-        tokenizer = load_tokenizer(path) if sources else None
+        tokenizer = loading.load_tokenizer(path) if sources else None
         if sources and tokenizer is None:
             raise UserError(f"{path}: the model directory has no tokenizer files (tokenizer.json, tokenizer.model "
                             f"or vocab.json), so --ppl text cannot be tokenized for it")

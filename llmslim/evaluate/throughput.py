@@ -29,7 +29,8 @@ which reserves `gpu_memory_utilization` of the device up front) or torch's peak 
 and how many requests of prompt_len + gen_len tokens fit at once).
 
 `dtype` in the result is what the backend actually computed in ("auto" lets vLLM pick its serving dtype
-and transformers keep the checkpoint's).
+and transformers keep the checkpoint's; exports whose vLLM kernels on this machine take 16-bit
+activations only, such as W8A8 on AMX CPUs, are started in bf16/fp16: see `vllm_dtype`).
 """
 
 from __future__ import annotations
@@ -108,6 +109,21 @@ def special_ids(model_dir: Path) -> list[int]:
     return sorted(ids)
 
 
+def vllm_dtype(model_dir: Path, requested: str) -> tuple[str, str | None]:
+    """The dtype to start vLLM with for this export here, or (requested, why it cannot run): exports whose
+    kernels take 16-bit activations only (llmslim.cpu's tables) run in 16 bits when "auto" was asked."""
+    from ..check import vllm_run_for
+
+    plan = vllm_run_for(model_dir)
+    if not plan.generates:
+        return requested, plan.why
+    if plan.dtype == "float32":  # no constraint: as asked
+        return requested, None
+    if requested == "float32":
+        return requested, f"--dtype float32: {plan.why}; use --dtype auto, bfloat16 or float16"
+    return (plan.dtype if requested == "auto" else requested), None
+
+
 def cannot_run(model_dir: Path, backend: str, settings: ThroughputSettings, gpu: bool) -> str | None:
     """Why this backend cannot benchmark this model here (None when it can): checked up front, so a
     doomed engine start costs nothing."""
@@ -117,22 +133,20 @@ def cannot_run(model_dir: Path, backend: str, settings: ThroughputSettings, gpu:
     if context and need > context:
         return (f"prompt_len + gen_len = {need} exceeds the model's context ({context}); lower --prompt-len or "
                 "--gen-len")
-    if backend != "vllm" or gpu:
+    if backend != "vllm":
         return None
-    from ..check import cpu_can_run
-
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    if head_dim not in VLLM_CPU_HEAD_DIMS:
+    if not gpu and head_dim not in VLLM_CPU_HEAD_DIMS:
         return (f"head_dim {head_dim} is not supported by vLLM's CPU attention (supported: "
                 f"{', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); use --backend transformers or a GPU")
-    ok, why = cpu_can_run(model_dir)
-    return None if ok else why
+    return vllm_dtype(model_dir, settings.dtype)[1]
 
 
 def make_job(model_dir: Path, backend: str, settings: ThroughputSettings, gpu: bool) -> dict[str, Any]:
     cfg = _text_config(_config(model_dir))
+    dtype = vllm_dtype(model_dir, settings.dtype)[0] if backend == "vllm" else settings.dtype
     return {
-        "backend": backend, "model": str(model_dir), "dtype": settings.dtype,
+        "backend": backend, "model": str(model_dir), "dtype": dtype,
         "batch_sizes": list(settings.batch_sizes), "prompt_len": settings.prompt_len, "gen_len": settings.gen_len,
         "repeats": settings.repeats, "warmup": settings.warmup, "seed": settings.seed,
         "vocab_size": cfg["vocab_size"], "avoid_ids": special_ids(model_dir), "device": "cuda" if gpu else "cpu",

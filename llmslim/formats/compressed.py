@@ -234,7 +234,7 @@ def decompress_linear(name: str, tensors: dict[str, Tensor], scheme: QuantScheme
     return q.to(torch.int8), scale, zero
 
 
-def _scheme_of(name: str, qconfig: dict) -> QuantScheme:
+def scheme_of(name: str, qconfig: dict) -> QuantScheme:
     """The scheme of quantized Linear `name` in a config.json `quantization_config`: the group whose `re:`
     target matches the name, else the one targeting the class "Linear"."""
     import re
@@ -249,6 +249,25 @@ def _scheme_of(name: str, qconfig: dict) -> QuantScheme:
                        w.get("actorder"))
 
 
+def stored_shapes(out: int, columns: int, scheme: QuantScheme, has_g_idx: bool) -> dict[str, tuple[int, ...]]:
+    """The shape of every tensor a quantized Linear [out, columns] has on disk under `scheme` (the table in
+    this module's docstring): what the export check holds each stored tensor to."""
+    groups = 1 if scheme.group_size == -1 else math.ceil(columns / scheme.group_size)
+    if scheme.format == "int-quantized":
+        shapes: dict[str, tuple[int, ...]] = {"weight": (out, columns), "weight_scale": (out, groups)}
+        if not scheme.symmetric:
+            shapes["weight_zero_point"] = (out, groups)
+    else:
+        per_int = 32 // scheme.bits
+        shapes = {"weight_packed": (out, math.ceil(columns / per_int)), "weight_scale": (out, groups),
+                  "weight_shape": (2,)}
+        if not scheme.symmetric:
+            shapes["weight_zero_point"] = (math.ceil(out / per_int), groups)
+    if has_g_idx:
+        shapes["weight_g_idx"] = (columns,)
+    return shapes
+
+
 def densify(tensors: dict[str, Tensor], qconfig: dict, dtype: torch.dtype) -> dict[str, Tensor]:
     """Checkpoint tensors with every compressed Linear replaced by its dense `weight` in `dtype`, computed as
     transformers computes it for a model loaded in `dtype` (scale cast to dtype, then (q - z) * s): our
@@ -256,7 +275,7 @@ def densify(tensors: dict[str, Tensor], qconfig: dict, dtype: torch.dtype) -> di
     bases = sorted({n[: -len(".weight_scale")] for n in tensors if n.endswith(".weight_scale")})
     out = dict(tensors)
     for base in bases:
-        scheme = _scheme_of(base, qconfig)
+        scheme = scheme_of(base, qconfig)
         q, scale, zero = decompress_linear(base, tensors, scheme)
         g_idx = tensors.get(f"{base}.weight_g_idx")
         for key in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx"):

@@ -5,8 +5,14 @@ together, so heads % kv_heads == 0 and head_dim are unchanged and the result is 
 (multi-head models are the case G = 1). The matching rows of q/k/v (and their biases, Qwen2) and the
 matching input columns of o_proj are removed; Qwen3's q_norm/k_norm act on head_dim and are kept as
 they are. Every layer keeps the same number of heads (one `num_key_value_heads` for all layers is what
-vLLM and transformers build from); per-layer counts are refused. Qwen2 and Qwen2-MoE are refused too:
-vLLM derives their head_dim from hidden_size / num_attention_heads, so fewer heads would not load there.
+vLLM and transformers build from); per-layer counts are refused.
+
+Qwen2: vLLM derives its head_dim from hidden_size / num_attention_heads, so a Qwen2 checkpoint with
+fewer heads would not load there. The pruned model is written as LlamaForCausalLM instead
+(adapters.qwen2_as_llama: attention_bias true, explicit head_dim, o_proj bias all zeros), which vLLM and
+transformers both serve and which computes the same function; the stage notes say so. Qwen2-MoE has no
+such counterpart (no other MoE architecture of both libraries has its biased q/k/v and gated shared
+expert without adding q/k norms, as Qwen3-MoE does) and is refused.
 
 Criteria (score of a KV group; the lowest-scoring groups go, in every layer):
 - activation (Minitron): L2 norm of each query head's attention output (o_proj's input) per token,
@@ -44,14 +50,16 @@ from .structured import (
     unit_scores,
 )
 
-# Families whose vLLM implementation (0.32) ignores config.head_dim and computes hidden_size / heads:
-# removing heads there yields checkpoints vLLM cannot load, so the plan refuses it.
-HEAD_DIM_FROM_HIDDEN = ("qwen2", "qwen2_moe")
+# Families whose vLLM implementation (0.32) ignores config.head_dim and computes hidden_size / heads,
+# and which no other architecture can stand in for: removing heads would yield checkpoints vLLM cannot
+# load, so the plan refuses it. (Qwen2 becomes Llama instead: adapters.qwen2_as_llama.)
+HEAD_DIM_FROM_HIDDEN = ("qwen2_moe",)
 
 
 class PruneHeadsConfig(MethodConfig):
     """Remove attention heads: give `kv_heads` (the count to keep) or `ratio` (the fraction to remove).
-    Not for Qwen2/Qwen2-MoE, whose head_dim vLLM derives from hidden_size / num_attention_heads."""
+    Qwen2 models are written as LlamaForCausalLM (vLLM's Qwen2 derives head_dim from hidden_size / heads;
+    Llama with attention_bias reads it from the config and computes the same); Qwen2-MoE cannot lose heads."""
 
     kv_heads: int | None = Field(default=None, gt=0)
     """KV heads to keep in every layer; their query heads stay with them (heads / kv_heads is unchanged)."""
@@ -106,9 +114,14 @@ def plan(state: PlanState, cfg: PruneHeadsConfig) -> PlanState:
         raise PlanError("kv_heads" if cfg.kv_heads is not None else "ratio",
                         f"{state.config.model_type} models cannot lose heads: vLLM derives their head_dim as "
                         f"hidden_size / num_attention_heads ({s.hidden} / {keep * group} after pruning) instead of "
-                        f"reading head_dim ({s.head_dim}) from config.json, so the export would not load; prune "
-                        "FFN channels or drop layers instead")
-    return state.with_config(state.adapter.with_heads(state.config, keep * group, keep))
+                        f"reading head_dim ({s.head_dim}) from config.json, so the export would not load, and no "
+                        "other MoE architecture that vLLM serves has Qwen2-MoE's q/k/v biases and gated shared "
+                        "expert; prune FFN channels or drop layers instead")
+    try:
+        return state.with_config(state.adapter.with_heads(state.config, keep * group, keep))
+    except ValueError as e:  # a Qwen2 model that cannot become Llama
+        raise PlanError("kv_heads" if cfg.kv_heads is not None else "ratio", f"{e}; prune FFN channels or drop "
+                        "layers instead") from None
 
 
 # ---------------------------------------------------------------- heads
@@ -162,6 +175,11 @@ class HeadPruner(LayerPruner):
         slice_linear(attn.v_proj, rows=imp.head_rows(kept_kv, hd))
         slice_linear(attn.o_proj, cols=imp.head_rows(q_heads, hd))
         # q_norm/k_norm (Qwen3) normalise each head over head_dim: shared by all heads, nothing to cut.
+        o_proj: Any = attn.o_proj
+        if getattr(self.target, "attention_bias", False) and o_proj.bias is None:
+            # Qwen2 written as Llama: Llama's attention_bias gives o_proj a bias too; zeros keep the function.
+            w = o_proj.weight
+            o_proj.bias = nn.Parameter(torch.zeros(w.shape[0], dtype=w.dtype, device=w.device), requires_grad=False)
 
 
 def run(ctx: StageContext, cfg: PruneHeadsConfig) -> StageResult:
@@ -170,6 +188,11 @@ def run(ctx: StageContext, cfg: PruneHeadsConfig) -> StageResult:
     result = run_structured(ctx, cfg.criterion, pruner, "pruning heads")
     result.notes = {"heads": f"{before.heads} -> {after.heads}", "kv_heads": f"{before.kv_heads} -> {after.kv_heads}",
                     **result.notes}
+    old_arch, new_arch = ctx.source.adapter.arch.class_name, ctx.after.adapter.arch.class_name
+    if old_arch != new_arch:
+        result.notes["architecture"] = (
+            f"{old_arch} -> {new_arch}: vLLM's Qwen2 derives head_dim from hidden_size / heads, which no longer "
+            "holds; Llama with attention_bias (o_proj bias zero) and an explicit head_dim is the same network")
     return result
 
 

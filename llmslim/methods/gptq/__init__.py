@@ -2,7 +2,8 @@
 
 `core` is the tensor math (no I/O), `layer` what happens to one decoder layer, this module the stage:
 - gptq streams the model layer by layer: layer i is read from disk, calibrated on what quantized layers
-  0..i-1 produce (true-sequential), quantized, written to its own shard file and released. Host memory
+  0..i-1 produce (layer-sequential: the Hessians of all of layer i's Linears come from one pass of the
+  unquantized layer i), quantized, written to its own shard file and released. Host memory
   is one layer plus the calibration activations, whatever the depth.
 - rtn is the same walk without data.
 - Every finished layer is a file in the stage's scratch directory. A killed run continues from the last
@@ -23,9 +24,10 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ...adapters import layer_of
+from ...checkpoint import save_safetensors
+from ...faults import crash_point
 from ...formats.compressed import QuantScheme, quantization_config_groups
 from ...layerwise import walk
 from ...plan import PlanError, PlanState, meta_model
@@ -114,15 +116,18 @@ def _layer_file(scratch: Path, index: int) -> Path:
 
 
 def _save_layer(path: Path, tensors: dict[str, torch.Tensor], notes: dict[str, Any]) -> None:
+    # The notes go beside the layer, not into its safetensors metadata: the file becomes a shard of the
+    # export, and safetensors writes metadata keys in a different order in every process (a hash map),
+    # which would make the export differ byte for byte between a resumed run and an uninterrupted one.
+    path.with_suffix(".json").write_text(json.dumps(notes))
     tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-              metadata={"format": "pt", "llmslim_notes": json.dumps(notes)})
-    os.replace(tmp, path)  # a layer file exists only once it is complete
+    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    os.replace(tmp, path)  # a layer counts as done only once its tensors are complete (notes are written first)
 
 
 def _load_layer(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    notes = json.loads(path.with_suffix(".json").read_text())
     with safe_open(str(path), "pt") as f:
-        notes = json.loads((f.metadata() or {}).get("llmslim_notes", "{}"))
         return {k: f.get_tensor(k) for k in f.keys()}, notes
 
 
@@ -191,13 +196,14 @@ def run(ctx: StageContext, cfg: QuantFields) -> StageResult:
         result = quantize_layer(layer, i, adapter, targets[i], cfg, fmt, hessians, ctx.dtype)
         notes = {**result.notes, "seconds": round(time.perf_counter() - started, 3)}
         _save_layer(_layer_file(ctx.scratch_dir, i), result.tensors, notes)
+        crash_point("gptq.layer")
         return notes
 
     label = f"{ctx.stage.label}: {'GPTQ' if calibrate else 'RTN'} W{fmt.bits}" + (
         "A8" if fmt.activation_bits else f" g{fmt.group_size}")
     with ctx.progress.track(label, n) as task:
         if calibrate and first_todo < n:
-            # true-sequential: each layer sees what the quantized layers before it produce. Layers an
+            # layer-sequential: each layer sees what the quantized layers before it produce. Layers an
             # earlier run finished are restored from their files and only re-run for their outputs.
             for step in walk(lazy, ctx.calibration_inputs(lazy), device=ctx.device):
                 i = step.index

@@ -64,8 +64,9 @@ class QuantFields(MethodConfig):
 class GptqConfig(QuantFields):
     """GPTQ (Frantar et al. 2022): each Linear quantized column by column, the rounding error of each column
     compensated on the columns not yet quantized through the inverse Hessian of the layer's real inputs.
-    Layer by layer, true-sequential: every layer is calibrated on what the already-quantized layers
-    before it produce."""
+    Decoder layer by decoder layer: each layer is calibrated on what the already-quantized layers before
+    it produce; within a layer the Hessians of all its Linears come from one pass of the unquantized
+    layer (layer-sequential, not the module-sequential order of the GPTQ paper's code)."""
 
     act_order: bool = True
     """Quantize columns by decreasing Hessian diagonal (most-used inputs first). With groups, each column
@@ -73,7 +74,8 @@ class GptqConfig(QuantFields):
     dampening: float = Field(default=0.01, ge=0, lt=1)
     """Added to the Hessian's diagonal, as a fraction of its mean (raised x10 if H is still singular)."""
     block_size: int = Field(default=128, gt=0)
-    """Columns per lazy-update block: changes speed only, never the result."""
+    """Columns per lazy-update block: changes speed, not the algorithm (floating-point sums are reordered;
+    the integers came out identical for block sizes 1 to 1000 in the tests)."""
     expert_min_tokens: int = Field(default=64, ge=0)
     """MoE: an expert that the router sends fewer calibration tokens than this is calibrated on every
     token of the batch instead (all-experts calibration), so that no expert is quantized blind."""

@@ -203,8 +203,12 @@ def gptq_quantize(W: Tensor, H: Tensor, *, bits: int, group_size: int, symmetric
       groups are runs of `group_size` columns in visiting order, and `g_idx` maps each original
       column to its group. static_groups=True instead computes every group's parameters up front
       from W's contiguous column groups (g_idx stays None, act_order or not).
-    - block_size: columns per lazy-update block; it changes speed only, never the result (blocks
-      are also cut where a group begins so each group's parameters see all earlier updates).
+    - block_size: columns per lazy-update block; it changes speed, not the algorithm (blocks are also
+      cut where a group begins so each group's parameters see all earlier updates). In exact
+      arithmetic the result is the same for every block size; in floating point a different block
+      size sums the same updates in another order, which could move a value that sits exactly on a
+      rounding boundary (tests/test_gptq_core.py finds the integers identical for block sizes 1 to
+      1000, in float32 and float64).
     """
     out, n = _check_weight(W)
     if H.shape != (n, n):
