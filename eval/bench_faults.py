@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     stages = len(yaml.safe_load((REPO / "recipes" / "demo.yaml").read_text())["stages"])
 
     started = time.perf_counter()
-    rc, out = llmslim_run(recipe_for(root, "reference"))
+    rc, out = llmslim_run(recipe_for(root, "reference"), fork=False)
     length = time.perf_counter() - started
     if rc != 0:
         print(out[-3000:], file=sys.stderr)
@@ -77,14 +77,14 @@ def main(argv: list[str] | None = None) -> int:
         recipe = recipe_for(root, f"try-{tries}")
         work = Workspace(recipe.parent / "out")
         after = rng.uniform(0.05 * length, length)
-        rc, out = llmslim_run(recipe, kill_after=after)
+        rc, out = llmslim_run(recipe, kill_after=after, fork=False)
         if rc != -9:  # it finished (or failed) before the kill landed: not a kill
             print(f"try {tries}: the run ended (exit {rc}) before {after:.1f} s; not counted", file=sys.stderr)
             shutil.rmtree(recipe.parent)
             continue
         units = completed_units(work)
         kill = {"after_s": round(after, 2), "phase": phase_of(units, stages), "units": units}
-        rc, out = llmslim_run(recipe)
+        rc, out = llmslim_run(recipe, fork=False)
         kill["missing_reuse"] = missing_reuse(units, out) if rc == 0 else [f"rerun exited {rc}: {out[-500:]}"]
         kill["export_differences"] = export_differences(reference, work.output) if rc == 0 else []
         kill["survived"] = rc == 0 and not kill["missing_reuse"] and not kill["export_differences"]

@@ -299,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                         "(LLMSLIM_DEBUG=1 shows the traceback)")
         return 2
     except KeyboardInterrupt:
-        console.print("interrupted: completed stages are kept; rerun the same command to continue")
+        console.print("interrupted: completed work is kept; rerun the same command to continue")
         return 130
 
 

@@ -3,7 +3,8 @@
 `crash_point("stage.renamed")` does nothing unless the environment says LLMSLIM_CRASH_AT=stage.renamed
 (or `name:N`, the N-th time that point is reached in this process), in which case the process kills
 itself with SIGKILL there: no cleanup handler runs, exactly as when the machine or the OOM killer ends
-it. tests/test_faults.py and eval/bench_faults.py use it; a normal run never sets the variable.
+it. LLMSLIM_CRASH_SIGNAL=INT sends SIGINT instead (Ctrl-C at that point). tests/test_faults.py uses it;
+a normal run never sets the variables.
 """
 
 from __future__ import annotations
@@ -26,4 +27,4 @@ def crash_point(name: str) -> None:
         return
     _hits[name] += 1
     if _hits[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGINT if os.environ.get("LLMSLIM_CRASH_SIGNAL") == "INT" else signal.SIGKILL)

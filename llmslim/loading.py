@@ -36,15 +36,17 @@ def download(repo_id: str, revision: str | None, safetensors_only: bool = True, 
                         "network") from None
 
 
-def resolve_model(spec: str, revision: str | None = None, *, field: str = "model") -> Path:
-    """A local model directory for a directory path or Hub id (downloaded, safetensors only)."""
+def resolve_model(spec: str, revision: str | None = None, *, field: str | None = None) -> Path:
+    """A local model directory for a directory path or Hub id (downloaded, safetensors only). Errors start
+    with `field: ` when given (a recipe field), else with the path itself (a command-line argument)."""
+    where = f"{field}: " if field else ""
     path = Path(spec).expanduser()
     if not path.exists():
         if not looks_like_hub_id(spec):
-            raise UserError(f"{field}: {spec}: no such model directory")
-        path = download(spec, revision, True, field=field)
+            raise UserError(f"{where}{spec}: no such model directory")
+        path = download(spec, revision, True, field=field or spec)
     if not (path / "config.json").is_file():
-        raise UserError(f"{field}: {spec}: not a model directory (no config.json)")
+        raise UserError(f"{where}{spec}: not a model directory (no config.json)")
     return path
 
 

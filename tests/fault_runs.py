@@ -32,9 +32,15 @@ EVIDENCE = {  # unit of work -> what a rerun that reuses it logs
 
 
 def llmslim_run(recipe: Path, *extra: str, crash_at: str | None = None, kill_after: float | None = None,
-                timeout: float = 900) -> tuple[int, str]:
+                timeout: float = 900, fork: bool = True) -> tuple[int, str]:
     """Run `llmslim run RECIPE --quiet` in a child process (its own session, so vLLM's engine dies with it);
-    crash it at a named point, or SIGKILL it after `kill_after` seconds. Returns (exit code, output)."""
+    crash it at a named point, or SIGKILL it after `kill_after` seconds. Returns (exit code, output).
+    fork: a child of tests/cli_runner.py's forkserver (starts in milliseconds); else `python -m llmslim.cli`."""
+    if fork:
+        from cli_runner import run_cli
+
+        return run_cli("run", str(recipe), "--quiet", *extra, env={"LLMSLIM_CRASH_AT": crash_at},
+                       kill_after=kill_after, timeout=timeout)
     env = dict(os.environ)
     env.pop("LLMSLIM_CRASH_AT", None)
     if crash_at:

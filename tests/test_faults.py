@@ -77,9 +77,9 @@ def test_killed_anywhere_a_run_resumes_and_ends_byte_identical(tiny_tok, tmp_pat
     rng = random.Random(0)
     recipe = write_recipe(tmp_path / "random", model)
     work = Workspace(tmp_path / "random" / "out")
-    for _ in range(3):
+    for _ in range(2):
         units = completed_units(work)
-        rc, out = llmslim_run(recipe, kill_after=rng.uniform(4.0, 25.0))
+        rc, out = llmslim_run(recipe, kill_after=rng.uniform(1.0, 30.0))
         if rc == 0:  # it finished before its kill (a killed run may not have logged its start yet)
             assert_resumed(units, out)
             break

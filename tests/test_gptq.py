@@ -6,15 +6,13 @@ The tensor math itself is tested in test_gptq_core.py."""
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from cli_runner import Cli, run_cli
 from conftest import REFERENCE
 from test_pipeline import _header_bytes, make_recipe
 from tiny_models import add_tokenizer, save_tiny
@@ -157,11 +155,6 @@ def test_all_token_calibration_uses_every_token(tiny):
 # ---------------------------------------------------------------- resume after a kill mid-model
 
 
-def _cli(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "llmslim.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
-
-
 def test_killed_gptq_resumes_mid_model_with_the_same_result(tmp_path):
     src = tmp_path / "model"
     save_tiny("llama", src, layers=8)
@@ -174,22 +167,21 @@ def test_killed_gptq_resumes_mid_model_with_the_same_result(tmp_path):
         text["data"]["calib"]["samples"] = 64
         (tmp_path / name / "r.yaml").write_text(yaml.safe_dump(text))
         runs[name] = tmp_path / name / "r.yaml"
-    proc = _cli("run", str(runs["a"]), "--quiet")
-    assert proc.wait(timeout=600) == 0, proc.stdout.read()
+    rc, log = run_cli("run", str(runs["a"]), "--quiet")
+    assert rc == 0, log
 
-    proc = _cli("run", str(runs["b"]), "--quiet")
+    proc = Cli(["run", str(runs["b"]), "--quiet"])
     scratch = tmp_path / "b" / "out.work" / "stages" / "00-gptq.scratch"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None and not (scratch / "layer-00002.safetensors").exists():
         time.sleep(0.005)
     assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()
     proc.wait()
     done = sorted(p.name for p in scratch.glob("layer-*.safetensors"))
     assert 3 <= len(done) < 8, done
-    proc = _cli("run", str(runs["b"]), "--quiet")
-    log = proc.communicate(timeout=600)[0]
-    assert proc.returncode == 0, log
+    rc, log = run_cli("run", str(runs["b"]), "--quiet")
+    assert rc == 0, log
     assert f"{len(done)} of 8 layers were quantized by an earlier run; continuing at layer {len(done)}" in log
 
     a, b = Checkpoint(tmp_path / "a" / "out"), Checkpoint(tmp_path / "b" / "out")

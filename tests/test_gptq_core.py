@@ -164,7 +164,9 @@ def test_block_size_changes_speed_not_result(layer, block_size, dtype):
     kw = dict(bits=4, group_size=32, symmetric=False, act_order=True)
     ref = gptq_quantize(W, H, block_size=48, **kw)
     r = gptq_quantize(W, H, block_size=block_size, **kw)
-    assert torch.equal(r.q, ref.q) and torch.equal(r.scale, ref.scale) and torch.equal(r.g_idx, ref.g_idx)
+    assert torch.equal(r.q, ref.q) and torch.equal(r.g_idx, ref.g_idx)  # the integers: identical
+    # scales of act-order groups come from error-updated weights: float rounding of reordered sums
+    torch.testing.assert_close(r.scale, ref.scale, rtol=0 if dtype == torch.float64 else 1e-5, atol=0)
 
 
 @pytest.mark.parametrize("group_size,static_groups,dtype,scale_dtype", [

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from cli_runner import Cli, run_cli
 from tiny_models import ARCHS, add_tokenizer, sample_text
 from transformers import AutoModelForCausalLM
 
@@ -146,11 +144,6 @@ def test_failed_check_leaves_no_finished_looking_export(tmp_path):
     assert (tmp_path / "out.work" / "export.tmp" / "config.json").is_file()
 
 
-def _cli(*args: str, **kw) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "llmslim.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, **kw)
-
-
 def test_resume_after_kill_gives_the_same_result(tiny, tmp_path):
     src = tmp_path / "model"
     import shutil
@@ -167,11 +160,11 @@ def test_resume_after_kill_gives_the_same_result(tiny, tmp_path):
     recipe_b.write_text(make_recipe(tmp_path / "b", src, stages))
 
     # uninterrupted run
-    proc = _cli("run", str(recipe_a), "--quiet")
-    assert proc.wait(timeout=300) == 0, proc.stdout.read()
+    rc, log = run_cli("run", str(recipe_a), "--quiet")
+    assert rc == 0, log
 
     # killed once stage 0 is on disk, then rerun
-    proc = _cli("run", str(recipe_b), "--quiet")
+    proc = Cli(["run", str(recipe_b), "--quiet"])
     state = tmp_path / "b" / "out.work" / "state.json"
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
@@ -179,12 +172,11 @@ def test_resume_after_kill_gives_the_same_result(tiny, tmp_path):
             break
         time.sleep(0.01)
     assert proc.poll() is None, "the run finished before it could be killed"
-    proc.send_signal(signal.SIGKILL)
+    proc.kill()
     proc.wait()
     assert not (tmp_path / "b" / "out").exists()
-    proc = _cli("run", str(recipe_b), "--quiet")
-    log = proc.communicate(timeout=300)[0]
-    assert proc.returncode == 0, log
+    rc, log = run_cli("run", str(recipe_b), "--quiet")
+    assert rc == 0, log
     assert "stages[0] drop_layers: done in an earlier run" in log
 
     a, b = Checkpoint(tmp_path / "a" / "out"), Checkpoint(tmp_path / "b" / "out")
@@ -204,27 +196,21 @@ def test_interrupt_mid_run_exits_130_and_resumes(tiny, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(make_recipe(tmp_path, src, [{"method": "drop_layers", "layers": [0]}],
                                   eval={"perplexity": ["heldout"]}))
-    proc = _cli("run", str(recipe), "--quiet")
-    state = tmp_path / "out.work" / "state.json"
-    while proc.poll() is None and not state.exists():
-        time.sleep(0.01)
-    proc.send_signal(signal.SIGINT)
-    out = proc.communicate(timeout=120)[0]
-    if proc.returncode == 0:
-        pytest.skip("the run finished before the interrupt landed")
-    assert proc.returncode == 130 and "rerun the same command to continue" in out, out
-    assert "Traceback" not in out
-    proc = _cli("run", str(recipe), "--quiet")
-    assert proc.wait(timeout=300) == 0
+    # Ctrl-C once stage 0 has started (LLMSLIM_CRASH_SIGNAL=INT: the run sends itself SIGINT there)
+    rc, out = run_cli("run", str(recipe), "--quiet",
+                      env={"LLMSLIM_CRASH_AT": "stage.start", "LLMSLIM_CRASH_SIGNAL": "INT"})
+    assert rc == 130 and "interrupted: completed work is kept; rerun the same command to continue" in out, out
+    assert "Traceback" not in out and not (tmp_path / "out").exists()
+    rc, out = run_cli("run", str(recipe), "--quiet")
+    assert rc == 0 and "original model: reusing its measurements" in out, out
     assert (tmp_path / "out" / "llmslim_report.json").is_file()
 
 
 def test_validate_plan_matches_export(tiny, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(make_recipe(tmp_path, tiny("qwen2_moe"), [{"method": "drop_layers", "layers": [0, 3]}]))
-    proc = _cli("validate", str(recipe))
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 0, out
+    rc, out = run_cli("validate", str(recipe))
+    assert rc == 0, out
     report = run(parse_recipe(recipe.read_text()))
     exported = AutoModelForCausalLM.from_pretrained(report["output"])
     params = sum(p.numel() for p in exported.parameters())
@@ -244,9 +230,8 @@ def _header_bytes(path: Path) -> int:
 def test_bad_plan_is_refused_before_running(tiny, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(make_recipe(tmp_path, tiny("llama"), [{"method": "drop_layers", "layers": [7]}]))
-    proc = _cli("run", str(recipe))
-    out = proc.communicate(timeout=120)[0]
-    assert proc.returncode == 2 and "Traceback" not in out
+    rc, out = run_cli("run", str(recipe))
+    assert rc == 2 and "Traceback" not in out
     assert "stages[0].layers: layer 7 does not exist; the model has 4 layers (0-3)" in out
     assert not (tmp_path / "out.work").exists()
 

@@ -5,15 +5,13 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import yaml
+from cli_runner import run_cli
 from conftest import REPO
 from tiny_models import build_model, sample_text
 from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig
@@ -187,11 +185,10 @@ def test_validate_prints_the_exported_parameter_count(pruned, tmp_path, case_id)
     _, text, report = pruned(case_id)
     recipe = tmp_path / "r.yaml"
     recipe.write_text(text)
-    proc = subprocess.run([sys.executable, "-m", "llmslim.cli", "validate", str(recipe)], capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+    rc, out = run_cli("validate", str(recipe))
+    assert rc == 0, out
     params = sum(p.numel() for p in AutoModelForCausalLM.from_pretrained(report["output"]).parameters())
-    assert f"{params:,}" in proc.stdout
+    assert f"{params:,}" in out
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen2_moe", "qwen3", "mixtral"])
@@ -420,9 +417,7 @@ def test_minitron_recipe_validates_offline_on_a_stand_in(tmp_path):
     rows = prepare(recipe, Workspace(recipe.spec.output))[3]
     s = rows[-1].shape
     assert (s.hidden, s.heads, s.kv_heads, s.ffn) == (256, 16, 4, 512)  # same cuts as on the 8B model
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "llmslim.cli", "validate", str(MINITRON),
-                           *[a for o in overrides for a in ("--set", o)]],
-                          capture_output=True, text=True, timeout=120, env=env)
-    assert proc.returncode == 0, proc.stdout + proc.stderr
-    assert "valid, 2 stage(s)" in proc.stderr
+    rc, out = run_cli("validate", str(MINITRON), *[a for o in overrides for a in ("--set", o)],
+                      env={"HF_HUB_OFFLINE": "1"})
+    assert rc == 0, out
+    assert "valid, 2 stage(s)" in out

@@ -3,11 +3,10 @@ and what is allowed; the CLI exits 2 without a traceback."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import textwrap
 
 import pytest
+from cli_runner import run_cli
 
 from llmslim.errors import RecipeError, UserError
 from llmslim.recipe import parse_recipe
@@ -129,12 +128,11 @@ def test_stage_hash_tracks_stages_not_eval():
 def test_cli_prints_one_line_and_exits_2(tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text(GOOD.replace("method: drop_layers", "method: drop_layer"))
-    proc = subprocess.run([sys.executable, "-m", "llmslim.cli", "validate", str(recipe)],
-                          capture_output=True, text=True)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
-    lines = [l for l in proc.stderr.splitlines() if l.strip()]
-    assert len(lines) == 1 and "did you mean 'drop_layers'" in lines[0], proc.stderr
+    rc, out = run_cli("validate", str(recipe))
+    assert rc == 2
+    assert "Traceback" not in out
+    lines = [l for l in out.splitlines() if l.strip()]
+    assert len(lines) == 1 and "did you mean 'drop_layers'" in lines[0], out
 
 
 def test_missing_recipe_file():

@@ -241,3 +241,15 @@ def test_os_errors_are_one_line_with_the_path(cli, tiny, tmp_path):
     line = one_error_line(out)
     assert rc == 2 and "state.json" in line and "rerun the same command to continue" in line
     assert os.path.isdir(work / "state.json")
+
+
+def test_hub_download_errors_keep_their_reason(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = parse_recipe(yaml.safe_dump({"model": "no-such-org/no-such-model", "output": str(tmp_path / "out")}))
+    with pytest.raises(UserError) as e:
+        prepare(recipe, Workspace(recipe.spec.output))
+    line = str(e.value)
+    assert line.startswith("model: 'no-such-org/no-such-model' is not a local directory and could not be fetched "
+                           "from the Hugging Face Hub: ") and "\n" not in line
+    reason = line.split("Hub: ", 1)[1]
+    assert len(reason.split(";")[0].split(":", 1)[1].strip()) > 20  # the library's own words, not only a type name

@@ -85,7 +85,7 @@ def environment() -> dict[str, Any]:
 
 def resolve_model(spec: str) -> Path:
     """A local model directory for MODEL (a Hub id is downloaded, safetensors only)."""
-    path = loading.resolve_model(spec, field="MODEL")
+    path = loading.resolve_model(spec)
     if not list(path.glob("*.safetensors")):
         raise UserError(f"{spec}: no safetensors weights in the directory")
     return path

@@ -74,8 +74,8 @@ class GptqConfig(QuantFields):
     dampening: float = Field(default=0.01, ge=0, lt=1)
     """Added to the Hessian's diagonal, as a fraction of its mean (raised x10 if H is still singular)."""
     block_size: int = Field(default=128, gt=0)
-    """Columns per lazy-update block: changes speed, not the algorithm (floating-point sums are reordered;
-    the integers came out identical for block sizes 1 to 1000 in the tests)."""
+    """Columns per lazy-update block: changes speed, not the algorithm (floating-point sums are reordered:
+    the integers came out identical for block sizes 1 to 1000 in the tests, scales within float rounding)."""
     expert_min_tokens: int = Field(default=64, ge=0)
     """MoE: an expert that the router sends fewer calibration tokens than this is calibrated on every
     token of the batch instead (all-experts calibration), so that no expert is quantized blind."""

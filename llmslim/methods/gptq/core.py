@@ -206,7 +206,8 @@ def gptq_quantize(W: Tensor, H: Tensor, *, bits: int, group_size: int, symmetric
     - block_size: columns per lazy-update block; it changes speed, not the algorithm (blocks are also
       cut where a group begins so each group's parameters see all earlier updates). In exact
       arithmetic the result is the same for every block size; in floating point a different block
-      size sums the same updates in another order, which could move a value that sits exactly on a
+      size sums the same updates in another order, which moves scales computed from updated weights
+      by float rounding (1e-5 relative in float32) and could move a value that sits exactly on a
       rounding boundary (tests/test_gptq_core.py finds the integers identical for block sizes 1 to
       1000, in float32 and float64).
     """
