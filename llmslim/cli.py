@@ -32,6 +32,10 @@ class RichTask(Task):
         super().advance(n)
         self._bar.advance(self._id, n)
 
+    def note(self, text: str) -> None:
+        super().note(text)
+        self._bar.update(self._id, description=f"{self.description}  {text}")
+
     def close(self) -> None:  # the bar itself is the record; no extra log line
         total = self.total if self.total is not None else 1
         self._bar.update(self._id, total=total, completed=total)
@@ -64,6 +68,9 @@ def _setup(quiet: bool) -> tuple[Any, Progress]:
     transformers.utils.logging.disable_progress_bar()  # our own progress display replaces tqdm bars
     transformers.utils.logging.set_verbosity_error()
     console = Console(stderr=True)
+    if int(os.environ.get("RANK", "0")) > 0:  # not the main process of a multi-process launch: warnings only
+        logging.basicConfig(level=logging.WARNING, format=f"[rank {os.environ['RANK']}] %(message)s", stream=sys.stderr)
+        return console, Progress()
     if quiet:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
         return console, Progress()
@@ -151,6 +158,8 @@ def cmd_run(args: argparse.Namespace, console: Any, progress: Progress) -> int:
     with bars if bars is not None else nullcontext():
         report = run(recipe, fresh=args.fresh, replace_output=args.replace_output, progress=progress,
                      on_plan=lambda rows: out.print(plan_table(rows)))
+    if report.get("follower"):  # another process of `accelerate launch`: the main one reports
+        return 0
     out.print(summary_table(report))
     out.print(f"export: {report['output']}  (report: {report['output']}/llmslim_report.md)")
     return 0

@@ -31,6 +31,7 @@ from .data import DataHub
 from .errors import UserError
 from .export import verify_shapes, weight_bytes
 from .faults import crash_point
+from .launch import Launch
 from .loading import download, load_tokenizer, looks_like_hub_id
 from .memory import PeakMemory
 from .plan import PlanState, make_plan
@@ -133,7 +134,7 @@ def prepare(recipe: Recipe, work: Workspace, *, replace_output: bool = False
         verify_shapes(src_dir, allow_extra=True)
     except UserError as e:
         raise UserError(f"model: {e}") from None
-    state = PlanState(source.config, source.adapter, working_dtype(recipe, source))
+    state = PlanState(source.config, source.adapter, working_dtype(recipe, source), source_dir=src_dir)
     rows, states = make_plan(recipe, state)
     for name, src in recipe.spec.data.items():
         if src.path is not None and not Path(src.path).is_file():
@@ -228,26 +229,47 @@ def _summary(notes: dict[str, Any]) -> dict[str, Any]:
 def run(recipe: Recipe, *, fresh: bool = False, replace_output: bool = False, progress: Progress | None = None,
         on_plan: Callable[[list], None] | None = None) -> dict[str, Any]:
     """Run a validated recipe end to end; returns the report (also written into the export).
-    `on_plan` receives the plan rows once the plan is validated, before any work starts."""
-    from .publish import evaluate, export_and_report, failed_measurements, up_to_date_report
-
+    `on_plan` receives the plan rows once the plan is validated, before any work starts. Under
+    `accelerate launch` every process calls this; only the main one writes (llmslim.launch)."""
     progress = progress or Progress()
+    launch = Launch()
     work = Workspace(recipe.spec.output)
     src_dir, source, plan0, rows, states = prepare(recipe, work, replace_output=replace_output)
+    if not launch.is_main:
+        return _follow(recipe, launch, work, src_dir, source, states, progress)
     if on_plan:
         on_plan(rows)
+    try:
+        return _run_main(recipe, launch, work, src_dir, source, plan0, rows, states, progress, fresh, replace_output)
+    except BaseException as e:
+        launch.fail(work, e)
+        raise
+
+
+def _devices(recipe: Recipe, launch: Launch, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
+    device = launch.state.device if launch.active else pick_device(recipe.spec.device)
+    return device, compute_dtype(recipe, dtype, device)
+
+
+def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, source: Checkpoint, plan0: PlanState,
+              rows: list, states: list[PlanState], progress: Progress, fresh: bool,
+              replace_output: bool) -> dict[str, Any]:
+    from .publish import evaluate, export_and_report, failed_measurements, up_to_date_report
+
     if fresh:  # start over: earlier progress and an earlier export of ours go; nothing else
         work.remove_own()
     work.create()
     work.recover()
-    dtype, device = plan0.dtype, pick_device(recipe.spec.device)
-    cdt = compute_dtype(recipe, dtype, device)
+    dtype = plan0.dtype
+    device, cdt = _devices(recipe, launch, dtype)
     hashes = [recipe.stage_hash(i, str(cdt).removeprefix("torch.")) for i in range(len(recipe.stages))]
     state = work.load_state()
     _check_resume(recipe, state, work, hashes)
     full_hash = recipe.full_hash()
+    methods = load_methods()
     report = up_to_date_report(work, state, full_hash)
     if report is not None:
+        launch.announce(work, [])
         log.info("%s is up to date with this recipe; use --fresh to run it again", work.output)
         return report
     state["recipe"] = recipe.as_dict()
@@ -255,6 +277,7 @@ def run(recipe: Recipe, *, fresh: bool = False, replace_output: bool = False, pr
         log.info("resuming %s: done in earlier runs: %s", work.output, ", ".join(units))
     last = resume_point(recipe, state, work, hashes)
     work.save_state(state)
+    launch.announce(work, [s.index for s in recipe.stages if s.index > last and methods[s.method].trains])
 
     data = DataHub(recipe.spec.data, load_tokenizer(src_dir), seed=recipe.spec.seed,
                    max_len=getattr(source.config, "max_position_embeddings", None))
@@ -270,7 +293,6 @@ def run(recipe: Recipe, *, fresh: bool = False, replace_output: bool = False, pr
         log.info("original model: reusing its measurements from an earlier run")
 
     current = source if last < 0 else Checkpoint(work.stage_dir(last, recipe.stages[last].method))
-    methods = load_methods()
     for stage in recipe.stages:
         final = work.stage_dir(stage.index, stage.method)
         if stage.index <= last:
@@ -283,7 +305,9 @@ def run(recipe: Recipe, *, fresh: bool = False, replace_output: bool = False, pr
         scratch = _scratch_for(final.with_name(final.name + ".scratch"), hashes[stage.index])
         ctx = StageContext(recipe, stage, current, tmp, scratch, dtype, device,
                            data, progress, states[stage.index], states[stage.index + 1],
-                           _shard_bytes(recipe), cdt)
+                           _shard_bytes(recipe), cdt, original=source, history=list(state["stages"]))
+        if methods[stage.method].trains:
+            launch.barrier()  # the other processes of an `accelerate launch` train this stage with us
         log.info("%s: starting", stage.label)
         crash_point("stage.start")
         started = time.perf_counter()
@@ -319,6 +343,32 @@ def run(recipe: Recipe, *, fresh: bool = False, replace_output: bool = False, pr
     report = export_and_report(recipe, work, src_dir, source, current, rows, state, data, dtype, progress,
                                replace_output=replace_output, full_hash=full_hash)
     return report
+
+
+def _follow(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, source: Checkpoint,
+            states: list[PlanState], progress: Progress) -> dict[str, Any]:
+    """A process other than the main one: train the training stages the main process runs, write nothing."""
+    plan = launch.wait_for(work)
+    methods = load_methods()
+    dtype = states[0].dtype
+    device, cdt = _devices(recipe, launch, dtype)
+    data = DataHub(recipe.spec.data, load_tokenizer(src_dir), seed=recipe.spec.seed,
+                   max_len=getattr(source.config, "max_position_embeddings", None))
+    for i in plan["training"]:
+        stage = recipe.stages[i]
+        before = work.stage_dir(i - 1, recipe.stages[i - 1].method) if i > 0 else None
+        if before is not None:
+            launch.wait_for(work, before)
+        final = work.stage_dir(i, stage.method)
+        ctx = StageContext(recipe, stage, Checkpoint(before) if before else source,
+                           final.with_name(final.name + ".tmp"), final.with_name(final.name + ".scratch"), dtype,
+                           device, data, progress, states[i], states[i + 1], _shard_bytes(recipe), cdt,
+                           original=source, history=list(work.load_state().get("stages", [])), is_main_process=False)
+        launch.barrier()
+        method_run = methods[stage.method].run
+        assert method_run is not None
+        method_run(ctx, stage.config)
+    return {"follower": True, "trained": plan["training"]}
 
 
 def _shard_bytes(recipe: Recipe) -> int:

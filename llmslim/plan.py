@@ -8,6 +8,7 @@ import json
 import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
@@ -43,6 +44,7 @@ class PlanState:
     adapter: Adapter
     dtype: torch.dtype
     quant: WeightFormat | None = None
+    source_dir: Path | None = None  # the recipe's model directory (e.g. to compare a teacher's tokenizer)
 
     def with_config(self, config: PretrainedConfig) -> PlanState:
         """This state with a new config (and the adapter of its architecture, which a stage may change)."""

@@ -16,15 +16,20 @@ class Task:
 
     def __init__(self, description: str, total: int | None):
         self.description, self.total, self.done = description, total, 0
+        self.last_note = ""
         self._started = time.perf_counter()
 
     def advance(self, n: int = 1) -> None:
         self.done += n
 
+    def note(self, text: str) -> None:
+        """A short live status (loss, rate) shown beside the bar; plain logs show the last one at the end."""
+        self.last_note = text
+
     def close(self) -> None:
         seconds = time.perf_counter() - self._started
-        log.info("%s: %d%s in %.1f s", self.description, self.done,
-                 f"/{self.total}" if self.total else "", seconds)
+        log.info("%s: %d%s in %.1f s%s", self.description, self.done,
+                 f"/{self.total}" if self.total else "", seconds, f" ({self.last_note})" if self.last_note else "")
 
 
 class Progress:

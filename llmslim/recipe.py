@@ -205,7 +205,7 @@ class Recipe:
         (`compute_dtype`; `auto` means bf16 on some CPUs and float32 on others, so a resume on another
         kind of machine must not mix layers calibrated both ways). eval/export/push do not count."""
         d = self.as_dict()
-        used = {n for s in self.stages[: upto + 1] if (n := s.config.data_source()) is not None}
+        used = {n for s in self.stages[: upto + 1] for n in s.config.data_sources()}
         key = {
             "model": d["model"], "revision": d["revision"], "dtype": d["dtype"],
             "compute_dtype": compute_dtype or d["compute_dtype"], "seed": d["seed"],
@@ -406,11 +406,11 @@ def _validate_stage(i: int, entry: Any, data_names: list[str], filename: str,
         config = method.config.model_validate(params)
     except ValidationError as e:
         return None, _pydantic_problems(e, method.config, path, filename, lines)
-    source = config.data_source()
-    if source is not None and source not in data_names:
-        return None, [f"{_where(filename, lines, path + ('data',))}: {_fmt_path(path + ('data',))}: "
-                      f"no data source named {source!r}{_did_you_mean(source, data_names)}; "
-                      f"defined under data: {', '.join(data_names) or '(none)'}"]
+    for key, source in zip(("data", "eval_data"), config.data_sources()):
+        if source not in data_names:
+            return None, [f"{_where(filename, lines, path + (key,))}: {_fmt_path(path + (key,))}: "
+                          f"no data source named {source!r}{_did_you_mean(source, data_names)}; "
+                          f"defined under data: {', '.join(data_names) or '(none)'}"]
     return Stage(i, name, config), []
 
 

@@ -24,6 +24,11 @@ class MethodConfig(BaseModel):
         """The name of the data source this stage reads, if any (checked against the recipe's `data:`)."""
         return getattr(self, "data", None)
 
+    def data_sources(self) -> list[str]:
+        """Every data source this stage reads (a training stage may also read an evaluation source)."""
+        name = self.data_source()
+        return [name] if name is not None else []
+
 
 @dataclass(frozen=True)
 class Method:

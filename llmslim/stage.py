@@ -48,6 +48,9 @@ class StageContext:
     after: PlanState
     max_shard_bytes: int = 2 * 10**9
     compute_dtype: torch.dtype | None = None  # layers and activations in memory; None: `dtype`
+    original: Checkpoint | None = None  # the recipe's model as loaded before the first stage (a teacher)
+    history: list[dict[str, Any]] = field(default_factory=list)  # records of the stages before this one
+    is_main_process: bool = True  # False on the other processes of `accelerate launch`: they write nothing
 
     @property
     def seed(self) -> int:

@@ -101,3 +101,32 @@ def plot_throughput(report: dict[str, Any], out_dir: Path) -> list[Path]:
         fig.savefig(path)
         paths.append(path)
     return paths
+
+
+def plot_training(record: dict[str, Any], path: Path) -> Path | None:
+    """A training stage's curves (from its notes): the loss and its terms by step, and the perplexity on
+    eval_data when it was measured."""
+    notes = record.get("notes") or {}
+    curve, evals = notes.get("curve") or [], notes.get("eval") or []
+    if not curve:
+        return None
+    fig, axes = _figure(9.0 if evals else 5.5, 3.6, 2 if evals else 1)
+    steps = [p["step"] for p in curve]
+    ax = axes[0]
+    for key in ("loss", "logits", "hidden", "lm"):
+        if key in curve[0] and (key == "loss" or len(curve[0]) > 4):
+            ax.plot(steps, [p[key] for p in curve], label=key, linewidth=1.6 if key == "loss" else 1.0)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.set_title(f"stages[{record['index']}] {record['method']}: training loss", fontsize=10)
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    if evals:
+        axes[1].plot([e["step"] for e in evals], [e["ppl"] for e in evals], marker="o")
+        axes[1].set_xlabel("optimizer step")
+        axes[1].set_ylabel("perplexity (eval_data)")
+        axes[1].grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path

@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -105,7 +106,7 @@ def plan(state: PlanState, cfg: QuantFields) -> PlanState:
                                      "'re:.*experts.*' to ignore to keep the experts unquantized")
     if not any(targets):
         raise PlanError("ignore", "ignore leaves no Linear to quantize")
-    return PlanState(state.config, state.adapter, state.dtype, fmt)
+    return replace(state, quant=fmt)
 
 
 # ---------------------------------------------------------------- the stage

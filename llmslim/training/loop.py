@@ -1,0 +1,246 @@
+"""The training loop every training stage shares (distill, qat): accelerate, checkpoints, resume, curves.
+
+Batches: the training windows are visited in a seeded order (a fresh permutation per epoch); optimizer
+step s takes the next `batch_size` windows, split into `grad_accum` micro-batches and, under
+`accelerate launch`, across processes. Which windows a step sees therefore depends on the seed and the
+step only, so one process and N processes with the same recipe see the same global batches, and a resumed
+run sees exactly what the killed one would have.
+
+accelerate does the rest: the process group and DDP (or FSDP, from accelerate's own config) through
+`prepare`, gradient accumulation, mixed precision, gradient clipping, and `save_state`/`load_state` for
+the checkpoints (model, optimizer, scheduler, step counter, every process's RNG states), written every
+`save_every` steps into the stage's scratch directory through a temporary directory and a rename.
+
+Each step logs the loss (and its terms), the learning rate and tokens/s: into the progress display, and
+into the stage notes as the training curve (also plotted in the export's report), with the perplexity on
+`eval_data` every `eval_every` steps.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import UserError
+from ..faults import crash_point
+from ..perplexity import perplexity
+from .config import TrainFields
+
+log = logging.getLogger(__name__)
+
+# LossFn(model, window ids, tokens [b, S]) -> (loss to minimise, {term: value} for the curve)
+LossFn = Callable[[nn.Module, list[int], Tensor], tuple[Tensor, dict[str, float]]]
+STATE_DIR = "train-state"
+MAX_CURVE_POINTS = 400
+
+
+def lr_factor(step: int, steps: int, warmup: int, schedule: str) -> float:
+    """The learning-rate multiplier at optimizer step `step` (0-based): linear warm-up, then the schedule."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    progress = (step - warmup) / max(1, steps - warmup)
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def window_order(n_windows: int, steps: int, batch_size: int, seed: int) -> list[int]:
+    """The window ids of every step, concatenated: one seeded permutation of all windows per epoch."""
+    need = steps * batch_size
+    order: list[int] = []
+    epoch = 0
+    while len(order) < need:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order += torch.randperm(n_windows, generator=g).tolist()
+        epoch += 1
+    return order[:need]
+
+
+def distributed_state():
+    """accelerate's process state (the process group under `accelerate launch`), with a timeout long enough
+    for the other processes to wait while the main one runs the stages that are not training."""
+    from accelerate import PartialState
+
+    # cpu: without a GPU, processes started by `accelerate launch --multi_gpu` (torchrun) join over gloo
+    return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=12))
+
+
+class _Counter:
+    """The optimizer step, saved with accelerate's state (register_for_checkpointing needs state_dict)."""
+
+    def __init__(self) -> None:
+        self.step = 0
+
+    def state_dict(self) -> dict[str, int]:
+        return {"step": self.step}
+
+    def load_state_dict(self, d: dict[str, int]) -> None:
+        self.step = int(d["step"])
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    resumed_from: int
+    curve: list[dict[str, float]] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)
+    seconds: float = 0.0
+    tokens: int = 0
+    processes: int = 1
+
+    def notes(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"steps": self.steps, "processes": self.processes, "tokens_seen": self.tokens,
+                               "train_seconds": round(self.seconds, 2), "curve": self.curve}
+        if self.resumed_from:
+            out["resumed_from_step"] = self.resumed_from
+        if self.evals:
+            out["eval"] = self.evals
+            out["eval_ppl"] = f"{self.evals[0]['ppl']:.4f} -> {self.evals[-1]['ppl']:.4f}"
+        if self.curve:
+            out["loss"] = f"{self.curve[0]['loss']:.4f} -> {self.curve[-1]['loss']:.4f}"
+        return out
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def train(model: nn.Module, windows: Tensor, loss_fn: LossFn, cfg: TrainFields, *, seed: int, device: torch.device,
+          state_dir: Path, progress: Any, label: str, eval_windows: Tensor | None = None) -> TrainResult:
+    """Train `model` (its parameters with requires_grad) on token windows [N, S] for cfg.steps steps,
+    minimising loss_fn; resumes from `state_dir`/train-state when a killed run left one. The model is
+    trained in place; the caller writes it out."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    dist = distributed_state()
+    precision = cfg.mixed_precision
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
+    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
+                      cpu=device.type == "cpu", step_scheduler_with_optimizer=False)
+    world, rank = acc.num_processes, acc.process_index
+    per_micro = cfg.batch_size // cfg.grad_accum
+    if per_micro % world:
+        raise UserError(f"batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum} = {per_micro} windows per "
+                        f"micro-batch cannot be split evenly over {world} processes; make batch_size a multiple "
+                        f"of grad_accum x {world}")
+    local = per_micro // world
+    if cfg.gradient_checkpointing:
+        model_any: Any = model
+        model_any.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup, cfg.schedule))
+    model, optimizer = acc.prepare(model, optimizer)
+    counter = _Counter()
+    acc.register_for_checkpointing(scheduler, counter)
+    saved = state_dir / STATE_DIR
+    old = saved.with_name(saved.name + ".old")
+    if acc.is_main_process and not saved.is_dir() and old.is_dir():  # killed between the two renames of _save
+        os.replace(old, saved)
+    acc.wait_for_everyone()
+    result = TrainResult(cfg.steps, 0, processes=world)
+    set_seed(seed)  # dropout and anything else random; a resumed run gets the saved RNG states back below
+    if saved.is_dir():
+        acc.load_state(str(saved))
+        result.resumed_from = counter.step
+        history = torch.load(saved / "history.pt", weights_only=False) if (saved / "history.pt").is_file() else {}
+        result.curve, result.evals = history.get("curve", []), history.get("evals", [])
+        log.info("%s: resuming the training at step %d of %d", label, counter.step, cfg.steps)
+    order = window_order(windows.shape[0], cfg.steps, cfg.batch_size, seed)
+    log_every = max(1, cfg.steps // MAX_CURVE_POINTS)
+    unwrapped = acc.unwrap_model(model)
+
+    def evaluate(step: int) -> None:
+        if eval_windows is None or not acc.is_main_process:
+            return
+        unwrapped.eval()
+        ppl = perplexity(unwrapped, eval_windows).ppl
+        unwrapped.train()
+        result.evals.append({"step": step, "ppl": round(ppl, 6)})
+        log.info("%s: step %d: perplexity %.4f on eval_data", label, step, ppl)
+
+    if not result.evals:
+        evaluate(0)
+    started = time.perf_counter()
+    with progress.track(f"{label}: training", cfg.steps) as task:
+        task.advance(counter.step)
+        while counter.step < cfg.steps:
+            step = counter.step
+            t0 = time.perf_counter()
+            ids = order[step * cfg.batch_size: (step + 1) * cfg.batch_size]
+            totals: dict[str, float] = {}
+            for m in range(cfg.grad_accum):
+                micro = ids[m * per_micro: (m + 1) * per_micro][rank * local: (rank + 1) * local]
+                with acc.accumulate(model):
+                    loss, terms = loss_fn(model, micro, windows[micro].to(acc.device))
+                    acc.backward(loss)
+                    if acc.sync_gradients and cfg.max_grad_norm:
+                        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                for k, v in {"loss": float(loss.detach()), **terms}.items():
+                    totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
+            lr = float(scheduler.get_last_lr()[0])
+            scheduler.step()
+            counter.step += 1
+            seconds = time.perf_counter() - t0
+            tokens = cfg.batch_size * windows.shape[1]
+            result.tokens += tokens
+            if world > 1:  # the mean over processes (each saw its share of the batch)
+                t = torch.tensor(list(totals.values()), device=acc.device)
+                totals = dict(zip(totals, (acc.reduce(t, reduction="mean")).tolist()))
+            if counter.step % log_every == 0 or counter.step == cfg.steps:
+                result.curve.append({"step": counter.step, **{k: round(v, 6) for k, v in totals.items()},
+                                     "lr": lr, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)})
+            task.advance()
+            task.note(f"loss {totals['loss']:.4f}  lr {lr:.2e}  {tokens / max(seconds, 1e-9):,.0f} tok/s")
+            if cfg.eval_every and counter.step % cfg.eval_every == 0 and counter.step < cfg.steps:
+                evaluate(counter.step)
+            if counter.step % cfg.save_every == 0 and counter.step < cfg.steps:
+                _save(acc, saved, result)
+                crash_point("train.saved")
+    evaluate(cfg.steps)
+    acc.wait_for_everyone()
+    result.seconds = time.perf_counter() - started
+    acc.free_memory()  # drops the accelerator's references (DDP wrapper, optimizer) before the caller saves
+    del dist
+    return result
+
+
+def _save(acc: Any, saved: Path, result: TrainResult) -> None:
+    """accelerate's full training state, into a temporary directory renamed over the previous one."""
+    tmp = saved.with_name(saved.name + ".tmp")
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp), safe_serialization=True)
+    if acc.is_main_process:
+        torch.save({"curve": result.curve, "evals": result.evals}, tmp / "history.pt")
+        old = saved.with_name(saved.name + ".old")
+        if saved.exists():
+            os.replace(saved, old)
+        os.replace(tmp, saved)
+        if old.exists():
+            shutil.rmtree(old)
+    acc.wait_for_everyone()
