@@ -116,7 +116,7 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
             path = ("stages", stage.index, e.field)
             problems.append(f"{recipe.where(path)}: stages[{stage.index}].{e.field}: {e}")
             break
-        if method.quantizes:
+        if state.quant is not None:  # this stage wrote quantized weights (qat with base nf4 does not)
             quantized_at = stage.index
         states.append(state)
         rows.append(PlanRow(f"{stage.index}: {stage.method}", state.shape, *state.size()))

@@ -41,7 +41,6 @@ class Method:
     plan: Callable[[PlanState, Any], PlanState] | None
     """Pure shape arithmetic: the model's shape after the stage, from its shape before (no weights)."""
     changes_shape: bool = False
-    quantizes: bool = False
     trains: bool = False
     planned_for: str = ""
     """For reserved names: the release that brings them."""

@@ -22,11 +22,11 @@ from tiny_models import sample_text
 
 from llmslim.checkpoint import Checkpoint
 from llmslim.errors import RecipeError
-from llmslim.methods.distill import default_mapping, layer_origin
 from llmslim.pipeline import Workspace, prepare, run
 from llmslim.recipe import parse_recipe
 from llmslim.training import losses
 from llmslim.training.loop import lr_factor, window_order
+from llmslim.training.student import default_mapping, layer_origin
 
 # ---------------------------------------------------------------- losses: pure functions
 
@@ -217,6 +217,32 @@ def test_two_processes_train_like_one(tiny_tok, tmp_path):
     ta, tb = a.read(a.names), b.read(b.names)
     for n in ta:
         torch.testing.assert_close(ta[n], tb[n], rtol=1e-4, atol=1e-5)
+
+
+def test_offloaded_teacher_computes_what_the_teacher_in_memory_does(tiny):
+    from llmslim.training.teacher import Teacher
+
+    ckpt = Checkpoint(tiny("qwen3"))
+    tokens = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
+    in_memory = Teacher(ckpt, torch.float32, torch.device("cpu"), layers=[0, 2])
+    offloaded = Teacher(ckpt, torch.float32, torch.device("cpu"), offload=True, layers=[0, 2])
+    (l1, h1), (l2, h2) = in_memory(tokens), offloaded(tokens)
+    torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
+    assert set(h1) == set(h2) == {0, 2}
+    for i in h1:
+        torch.testing.assert_close(h1[i], h2[i], rtol=1e-5, atol=1e-5)
+    assert "one layer at a time" in offloaded.describe()
+    assert all(p.is_meta for p in offloaded.lazy.layers[1].parameters())  # nothing kept between calls
+
+
+def test_gradient_checkpointing_and_teacher_offload_train_the_same(tiny_tok, tmp_path):
+    base = distill(steps=3, loss={"logits": 1.0, "hidden": 0.5})
+    plain = run(parse_recipe(recipe(tmp_path / "a", tiny_tok("llama"), [PRUNE[1], base])))
+    other = run(parse_recipe(recipe(tmp_path / "b", tiny_tok("llama"),
+                                    [PRUNE[1], {**base, "gradient_checkpointing": True, "teacher_offload": True}])))
+    ca, cb = plain["stages"][1]["notes"]["curve"], other["stages"][1]["notes"]["curve"]
+    assert [p["loss"] for p in ca] == pytest.approx([p["loss"] for p in cb], rel=1e-4)
+    assert "one layer at a time" in other["stages"][1]["peak_note"]
 
 
 # ---------------------------------------------------------------- refusals

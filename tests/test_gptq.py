@@ -22,7 +22,7 @@ from llmslim.checkpoint import Checkpoint, LazyModel
 from llmslim.data import DataHub
 from llmslim.errors import RecipeError
 from llmslim.layerwise import capture_inputs, walk
-from llmslim.methods.gptq import _targets_by_layer
+from llmslim.methods.gptq import targets_by_layer
 from llmslim.methods.gptq.config import GptqConfig, QuantFormat, RtnConfig
 from llmslim.methods.gptq.layer import collect_hessians, quantize_layer, restore_layer
 from llmslim.perplexity import perplexity
@@ -54,7 +54,7 @@ def test_restored_layer_is_bit_for_bit_the_quantized_one(tiny, case):
     arch, cfg = LAYER_CASES[case]
     ckpt = Checkpoint(tiny(arch))
     lazy = LazyModel(ckpt, torch.float32)
-    targets, _ = _targets_by_layer(lazy.model, ckpt.adapter, cfg.ignore)
+    targets, _ = targets_by_layer(lazy.model, ckpt.adapter, cfg.ignore)
     fmt = QuantFormat.of(cfg)
     tokens = torch.randint(3, 512, (8, 32), generator=torch.Generator().manual_seed(0))
     inputs = capture_inputs(lazy, tokens, batch_size=4)
@@ -135,7 +135,7 @@ def test_all_token_calibration_uses_every_token(tiny):
     ckpt = Checkpoint(tiny("mixtral"))
     lazy = LazyModel(ckpt, torch.float32)
     cfg = GptqConfig(data="c", bits=4, group_size=32, expert_min_tokens=10**9)  # every expert is "starved"
-    targets, _ = _targets_by_layer(lazy.model, ckpt.adapter, cfg.ignore)
+    targets, _ = targets_by_layer(lazy.model, ckpt.adapter, cfg.ignore)
     inputs = capture_inputs(lazy, torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(1)))
     step = next(walk(lazy, inputs, release=False))
     experts = step.layer.mlp.experts
@@ -296,7 +296,7 @@ def test_hessians_are_those_of_full_forwards(tiny, arch):
     the one accumulated from hooks on complete forwards of the same inputs."""
     ckpt = Checkpoint(tiny(arch))
     lazy = LazyModel(ckpt, torch.float32)
-    targets, _ = _targets_by_layer(lazy.model, ckpt.adapter, ["lm_head"])
+    targets, _ = targets_by_layer(lazy.model, ckpt.adapter, ["lm_head"])
     inputs = capture_inputs(lazy, torch.randint(3, 512, (4, 16), generator=torch.Generator().manual_seed(2)),
                             batch_size=2)
     step = next(walk(lazy, inputs, release=False))

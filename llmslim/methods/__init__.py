@@ -3,9 +3,8 @@ importing this package registers them all. Names that later releases implement a
 that recipes using them get a clear message instead of "unknown method"."""
 
 from ..registry import reserve
-from . import distill, drop_layers, gptq, prune_ffn, prune_heads  # noqa: F401
+from . import distill, drop_layers, gptq, prune_ffn, prune_heads, qat  # noqa: F401
 
-reserve("qat", "[5/8] quantization-aware training")
 reserve("moefy", "[6/8] MoE gating")
 reserve("prune_experts", "[6/8] MoE gating")
 reserve("set_topk", "[6/8] MoE gating")

@@ -53,7 +53,7 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- plan
 
 
-def _targets_by_layer(model: Any, adapter: Any, ignore: list[str]) -> tuple[list[list[Target]], set[str]]:
+def targets_by_layer(model: Any, adapter: Any, ignore: list[str]) -> tuple[list[list[Target]], set[str]]:
     out, used = [], set()
     for i, layer in enumerate(adapter.layers(model)):
         targets, hit = resolve_ignore(layer_targets(adapter, layer), adapter, f"model.layers.{i}.", ignore)
@@ -67,7 +67,7 @@ def plan(state: PlanState, cfg: QuantFields) -> PlanState:
     model = meta_model(state.config, state.dtype)
     adapter = state.adapter
     try:
-        targets, used = _targets_by_layer(model, adapter, cfg.ignore)
+        targets, used = targets_by_layer(model, adapter, cfg.ignore)
     except ValueError as e:
         raise PlanError("ignore", str(e)) from None
     unused = [p for p in cfg.ignore if p not in used and not matches("lm_head", p)]
@@ -132,7 +132,7 @@ def _load_layer(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {k: f.get_tensor(k) for k in f.keys()}, notes
 
 
-def _config_block(ctx: StageContext, fmt: QuantFormat, act_order: bool, model: Any,
+def config_block(ctx: StageContext, fmt: QuantFormat, act_order: bool, model: Any,
                   targets: list[list[Target]]) -> dict:
     """compressed-tensors' quantization_config for what was quantized: one group targeting every Linear
     when one scheme fits all (as llm-compressor writes it), else one group per scheme with name regexes."""
@@ -177,7 +177,7 @@ def run(ctx: StageContext, cfg: QuantFields) -> StageResult:
     act_order = bool(getattr(cfg, "act_order", False))
     adapter, src = ctx.source.adapter, ctx.source
     lazy = ctx.lazy_model()
-    targets, _ = _targets_by_layer(lazy.model, adapter, cfg.ignore)
+    targets, _ = targets_by_layer(lazy.model, adapter, cfg.ignore)
     n = len(lazy.layers)
     ctx.scratch_dir.mkdir(parents=True, exist_ok=True)
     done = [i for i in range(n) if _layer_file(ctx.scratch_dir, i).is_file()]
@@ -228,7 +228,7 @@ def run(ctx: StageContext, cfg: QuantFields) -> StageResult:
                 task.advance()
     config = copy.deepcopy(ctx.after.config)
     config.dtype = ctx.dtype
-    config.quantization_config = _config_block(ctx, fmt, act_order, lazy.model, targets)
+    config.quantization_config = config_block(ctx, fmt, act_order, lazy.model, targets)
     writer = ctx.writer()
     writer.add(src.read([k for k in src.names if layer_of(k) is None], ctx.dtype))
     for i in range(n):
@@ -256,5 +256,5 @@ def _notes(fmt: QuantFormat, cfg: QuantFields, layers: list[dict[str, Any]], res
     return notes
 
 
-register(Method("gptq", GptqConfig, run, plan, quantizes=True))
-register(Method("rtn", RtnConfig, run, plan, quantizes=True))
+register(Method("gptq", GptqConfig, run, plan))
+register(Method("rtn", RtnConfig, run, plan))

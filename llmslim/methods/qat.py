@@ -1,0 +1,297 @@
+"""qat: quantization-aware training that ends on exactly the grid the export serves.
+
+base: grid (default). Every targeted Linear (gptq's targets and `ignore` rules) starts at W0 on the export
+grid: `init: rtn` (round to nearest) or `init: gptq` (GPTQ on calibration data, layer by layer), which also
+give the scales and zero points. LoRA adapters (peft) train and every forward uses Q(W0 + (alpha/r) B A)
+(llmslim.training.fakequant, straight-through gradients; `learn_scales` trains the scales too, LSQ-style).
+The export is the integers Q produces for the final weights: the stage writes compressed-tensors like
+gptq, and the model transformers or vLLM loads computes what the trained model computed.
+
+base: nf4. QLoRA proper: the Linears become bitsandbytes 4-bit NormalFloat (double quantization) and
+peft adapters train on top; at the end the adapters are merged into the dequantized weights, written
+dense in the working dtype for a following gptq/rtn stage. The notes say how far that stage's grid (round
+to nearest on it, as a yardstick) moves the merged weights.
+
+Both train with llmslim.training.student (the loss terms and teacher of distill; default: logits KL
+against the original model), with its checkpoints, resume and accelerate scale-out. Dense models only:
+MoE experts are fused parameters that LoRA cannot wrap.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from ..checkpoint import CheckpointWriter, LazyModel
+from ..formats.compressed import compress_linear
+from ..layerwise import walk
+from ..plan import PlanError, PlanState
+from ..registry import Method, register
+from ..stage import StageContext, StageResult
+from ..training.config import TrainFields
+from ..training.fakequant import QatLinear
+from ..training.student import train_student
+from . import gptq
+from .gptq.config import GptqConfig, QuantFields, QuantFormat, disk_name
+from .gptq.core import rtn_quantize
+from .gptq.layer import collect_hessians, quantize_matrix, scheme_for
+
+log = logging.getLogger(__name__)
+
+
+class QatConfig(TrainFields, QuantFields):
+    """Quantization-aware training with LoRA: on the export grid (`base: grid`, exported exactly as trained),
+    or QLoRA on a 4-bit NormalFloat base (`base: nf4`, merged for a following gptq/rtn stage)."""
+
+    base: Literal["grid", "nf4"] = "grid"
+    """grid: train on the integer grid the stage exports (bits, group_size, symmetric, ignore); nf4:
+    bitsandbytes NF4 base weights with double quantization (QLoRA), merged and written dense."""
+    init: Literal["rtn", "gptq"] = "gptq"
+    """How W0 and the grid's scales start (base grid): round to nearest, or GPTQ on `calib_data`."""
+    calib_data: str | None = None
+    """Calibration source for init: gptq (its `samples` windows); null: `data`."""
+    learn_scales: bool = False
+    """Train the grid's scales too (LSQ-style, kept positive as exp of a learned log-scale)."""
+    trainable: Literal["all", "lora"] = "lora"
+    """QAT trains LoRA adapters (the base weights stay frozen on the grid or in NF4)."""
+    lr: float = Field(default=1e-3, gt=0)
+    """Peak learning rate (AdamW) of the adapters (and scales)."""
+
+    @model_validator(mode="after")
+    def _check_qat(self) -> QatConfig:
+        if self.trainable != "lora":
+            raise ValueError("qat trains LoRA adapters on frozen quantized weights: trainable must be lora")
+        if self.lora.dropout:
+            raise ValueError("lora.dropout must be 0 for qat: the forward uses the merged weight, where dropout on "
+                             "the adapters' input does not exist")
+        if self.base == "nf4" and (self.bits != 4 or self.group_size != 128 or not self.symmetric
+                                   or self.activation_bits or self.learn_scales or self.init != "gptq"):
+            raise ValueError("base nf4 is bitsandbytes' 4-bit NormalFloat with its own blocks: bits, group_size, "
+                             "symmetric, activation_bits, learn_scales and init apply to base grid only; leave "
+                             "them out (the grid is chosen by the gptq/rtn stage that follows)")
+        return self
+
+    def data_sources(self) -> list[str]:
+        return super().data_sources() + ([self.calib_data] if self.calib_data else [])
+
+
+# ---------------------------------------------------------------- plan
+
+
+def plan(state: PlanState, cfg: QatConfig) -> PlanState:
+    if state.adapter.is_moe:
+        raise PlanError("base", f"{state.config.model_type}: qat trains LoRA adapters on Linear layers and MoE "
+                                "experts are fused parameters; quantize MoE models with gptq or rtn")
+    if cfg.base == "nf4":
+        return state  # dense in, dense out: the stage after it quantizes
+    return gptq.plan(state, cfg)
+
+
+# ---------------------------------------------------------------- base: grid
+
+
+def _grid_start(ctx: StageContext, cfg: QatConfig, fmt: QuantFormat, targets: list[list[Any]]
+                ) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """name -> (W0 float32 [out, in] on the grid, scale [out, G], zero [out, G]) for every target Linear, by
+    rtn or by GPTQ calibrated layer by layer on what the already-quantized layers produce."""
+    lazy = ctx.lazy_model()
+    start: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+    gcfg = GptqConfig(data=cfg.calib_data or cfg.data, bits=cfg.bits, group_size=cfg.group_size,
+                      symmetric=cfg.symmetric, ignore=cfg.ignore, per_channel_fallback=cfg.per_channel_fallback,
+                      act_order=False)  # static column groups, no g_idx: the grid fake_quant reproduces
+
+    def quantize(layer: nn.Module, i: int, hessians: Any) -> None:
+        for t in targets[i]:
+            lins: list[Any] = [layer.get_submodule(n) for n in t.names]
+            W = torch.cat([lin.weight.data.float() for lin in lins])
+            H = hessians.linear[t.names].H if hessians is not None else None
+            res = quantize_matrix(W, H, gcfg, fmt, ctx.dtype)  # scales as the export stores them
+            lo = 0
+            for name, lin in zip(t.names, lins):
+                hi = lo + lin.out_features
+                start[f"model.layers.{i}.{name}"] = (res.weight[lo:hi].clone(), res.scale[lo:hi].clone(),
+                                                     res.zero[lo:hi].clone())
+                lin.weight.data = res.weight[lo:hi].to(lin.weight.dtype)  # the next layer sees the quantized one
+                lo = hi
+
+    with ctx.progress.track(f"{ctx.stage.label}: {cfg.init} start on the W{fmt.bits} grid", len(lazy.layers)) as task:
+        if cfg.init == "gptq":
+            tokens = ctx.data.calibration(cfg.calib_data or cfg.data)
+            from ..layerwise import capture_inputs
+
+            inputs = capture_inputs(lazy, tokens, batch_size=8, device=ctx.device)
+            for step in walk(lazy, inputs, device=ctx.device):
+                quantize(step.layer, step.index, collect_hessians(step.layer, targets[step.index], step.inputs,
+                                                                  ctx.device, step.index))
+                task.advance()
+        else:
+            for i in range(len(lazy.layers)):
+                quantize(lazy.materialize(i), i, None)
+                lazy.release(i)
+                task.advance()
+    return start
+
+
+def _grid_student(ctx: StageContext, cfg: QatConfig) -> tuple[Any, list[list[Any]], QuantFormat]:
+    """The student: the input model in float32, every target Linear a QatLinear on its starting grid."""
+    from peft import LoraConfig
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    fmt = QuantFormat.of(cfg)
+    model: Any = LazyModel(ctx.source, torch.float32).materialize_all()
+    targets, _ = gptq.targets_by_layer(model, ctx.source.adapter, cfg.ignore)
+    start = _grid_start(ctx, cfg, fmt, targets)
+    torch.manual_seed(ctx.seed)  # the adapters' random start: the same in every run of the recipe
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for full, (w0, scale, zero) in start.items():
+        parent_name, child = full.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        lin = getattr(parent, child)
+        lin.weight.data = w0
+        gs = fmt.group_for(lin.in_features)
+        assert gs is not None
+        lora_cfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0)  # type: ignore[arg-type]
+        lora = LoraLinear(lin, "default", lora_cfg, r=cfg.lora.r, lora_alpha=cfg.lora.alpha)  # type: ignore[arg-type]
+        setattr(parent, child, QatLinear(lora, scale, zero, fmt.bits, lin.in_features if gs == -1 else gs,
+                                         learn_scales=cfg.learn_scales, export_dtype=ctx.dtype))
+    return model.to(ctx.device), targets, fmt
+
+
+def _write_grid(ctx: StageContext, model: Any, targets: list[list[Any]], fmt: QuantFormat) -> tuple[Any, dict]:
+    """The trained model as compressed-tensors: each QatLinear's integers, scales and zero points (what its
+    last forward would use), everything else in the working dtype."""
+    adapter = ctx.source.adapter  # dense models only (plan): memory names are checkpoint names
+    compressed: dict[str, torch.Tensor] = {}
+    replaced: set[str] = set()
+    flipped, total = 0, 0
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, QatLinear):
+            continue
+        q, scale, zero, w = module.export()
+        flipped += module.changed(q)
+        total += q.numel()
+        index = int(name.split(".")[2])
+        prefix = f"model.layers.{index}."
+        scheme = scheme_for(fmt, module.base.in_features, False)
+        compressed.update(compress_linear(disk_name(adapter, prefix, name[len(prefix):]), q, scale, zero, None,
+                                          scheme, dtype=ctx.dtype))
+        plain = nn.Linear(module.base.in_features, module.base.out_features, bias=module.base.bias is not None)
+        plain.weight.data = w
+        if module.base.bias is not None:
+            plain.bias.data = module.base.bias.data
+        parent_name, child = name.rsplit(".", 1)
+        setattr(model.get_submodule(parent_name), child, plain)
+        replaced.add(f"{name}.weight")
+    model = model.to("cpu")
+    rest = {k: v.to(ctx.dtype) for k, v in model.state_dict().items() if k not in replaced}
+    config = copy.deepcopy(ctx.after.config)
+    config.dtype = ctx.dtype
+    config.quantization_config = gptq.config_block(ctx, fmt, False, model, targets)
+    if ctx.is_main_process:
+        writer = CheckpointWriter(ctx.out_dir, max_shard_bytes=ctx.max_shard_bytes)
+        writer.add_state(adapter, rest, model.config)
+        writer.add(compressed)
+        writer.close(config)
+    return config, {"integers_changed_by_training": f"{flipped:,} of {total:,} ({100 * flipped / max(total, 1):.2f} %)"}
+
+
+# ---------------------------------------------------------------- base: nf4
+
+
+def _nf4_student(ctx: StageContext, cfg: QatConfig) -> Any:
+    """The input model with every target Linear as bitsandbytes NF4 (double quantization) plus peft LoRA."""
+    from bitsandbytes.nn import Linear4bit, Params4bit
+    from peft import LoraConfig, get_peft_model
+
+    model: Any = LazyModel(ctx.source, torch.float32).materialize_all()
+    targets, _ = gptq.targets_by_layer(model, ctx.source.adapter, cfg.ignore)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(ctx.seed)  # the adapters' random start: the same in every run of the recipe
+    names = []
+    for i, layer_targets in enumerate(targets):
+        for t in layer_targets:
+            for n in t.names:
+                full = f"model.layers.{i}.{n}"
+                parent_name, child = full.rsplit(".", 1)
+                parent = model.get_submodule(parent_name)
+                lin = getattr(parent, child)
+                q = Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                               compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+                q.weight = Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                                      compress_statistics=True)
+                if lin.bias is not None:
+                    q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+                setattr(parent, child, q.to(ctx.device))
+                names.append(full)
+    model = get_peft_model(model.to(ctx.device), LoraConfig(
+        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, target_modules=names, bias="none"))  # type: ignore[arg-type]
+    return model
+
+
+@torch.no_grad()
+def _merge_nf4(ctx: StageContext, cfg: QatConfig, model: Any) -> tuple[Any, dict[str, Any]]:
+    """Dense weights: each NF4 base dequantized plus its adapters' delta; how far the next stage's grid
+    (rtn on it) moves them, relative to their norm."""
+    import bitsandbytes.functional as bnbf
+    from bitsandbytes.nn import Linear4bit
+
+    base = model.get_base_model()
+    nxt = ctx.recipe.stages[ctx.stage.index + 1].config if ctx.stage.index + 1 < len(ctx.recipe.stages) else None
+    shift, norm = 0.0, 0.0
+    for name, module in list(base.named_modules()):
+        if not hasattr(module, "base_layer") or not isinstance(module.base_layer, Linear4bit):
+            continue
+        b = module.base_layer
+        weight: Any = b.weight
+        w = bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+        w = w + module.get_delta_weight(module.active_adapters[0]).float()
+        plain = nn.Linear(w.shape[1], w.shape[0], bias=b.bias is not None)
+        plain.weight.data = w
+        if b.bias is not None:
+            plain.bias.data = b.bias.data.float()
+        parent_name, child = name.rsplit(".", 1)
+        setattr(base.get_submodule(parent_name), child, plain)
+        if isinstance(nxt, QuantFields):
+            gs = QuantFormat.of(nxt).group_for(w.shape[1])
+            if gs is not None:
+                shift += float((rtn_quantize(w, bits=nxt.bits, group_size=gs, symmetric=nxt.symmetric).weight - w)
+                               .pow(2).sum())
+                norm += float(w.pow(2).sum())
+    notes = {"base": "nf4 (bitsandbytes, double quantization), adapters merged into the dequantized weights"}
+    if norm:
+        notes["next_grid_shift"] = (f"rounding the merged weights to the next stage's W{nxt.bits} grid (rtn) moves "  # type: ignore[union-attr]
+                                    f"them by {100 * (shift / norm) ** 0.5:.2f} % of their norm")
+    return base, notes
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def run(ctx: StageContext, cfg: QatConfig) -> StageResult:
+    if cfg.base == "grid":
+        student, targets, fmt = _grid_student(ctx, cfg)
+        result, notes, in_memory = train_student(ctx, cfg, student)
+        config, grid_notes = _write_grid(ctx, student, targets, fmt)
+        notes.update({"grid": f"W{fmt.bits} {'g' + str(fmt.group_size) if fmt.group_size != -1 else 'per channel'} "
+                              f"{'symmetric' if fmt.symmetric else 'asymmetric'}", "init": cfg.init,
+                      "learn_scales": cfg.learn_scales, **grid_notes})
+        return StageResult(config, notes, f"student in float32 (whole model, frozen on the grid) with LoRA "
+                                          f"adapters; {in_memory}")
+    student = _nf4_student(ctx, cfg)
+    result, notes, in_memory = train_student(ctx, cfg, student)
+    model, nf4_notes = _merge_nf4(ctx, cfg, student)
+    model = model.to("cpu").to(ctx.dtype)
+    if ctx.is_main_process:
+        ctx.save(model)
+    notes.update(nf4_notes)
+    return StageResult(model.config, notes, f"student with NF4 base weights and LoRA adapters; {in_memory}")
+
+
+register(Method("qat", QatConfig, run, plan, trains=True))

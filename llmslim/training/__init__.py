@@ -1,0 +1,1 @@
+"""Training stages' shared machinery: losses (pure), the teacher, the accelerate loop, the student's loss."""

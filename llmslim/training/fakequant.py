@@ -1,0 +1,91 @@
+"""Fake quantization for QAT: the export's integer grid in the forward pass, straight-through gradients.
+
+The grid is gptq/rtn's (llmslim.methods.gptq.core): per group of `gs` input columns a scale s and a zero
+point z, q = round(clamp(w / s + z, qmin, qmax)), w_q = (q - z) * s, the same operations in the same order,
+so the integers QAT trains on are the integers rtn would write for the same weights and parameters, and
+the ones the export writes. Gradients (LSQ, Esser et al. 2020): round passes them straight through; clamp
+stops them outside [qmin, qmax]; a learnable scale gets d w_q / d s through the same expression.
+
+`QatLinear` wraps a peft LoRA Linear: its forward is x @ Q(W0 + (alpha / r) B A)^T, the merged weight on the
+grid, so training sees exactly what will be served.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def fake_quant(w: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int, gs: int) -> Tensor:
+    """w [out, in] on the grid of per-group scale/zero [out, in // gs], with straight-through gradients."""
+    out, n = w.shape
+    s, z = scale[..., None], zero[..., None]
+    x = (w.reshape(out, n // gs, gs) / s + z).clamp(qmin, qmax)
+    q = x + (x.round() - x).detach()
+    return ((q - z) * s).reshape(out, n)
+
+
+@torch.no_grad()
+def integers(w: Tensor, scale: Tensor, zero: Tensor, qmin: int, qmax: int, gs: int) -> Tensor:
+    """The int8 q of `fake_quant` (what the export stores)."""
+    out, n = w.shape
+    x = (w.reshape(out, n // gs, gs) / scale[..., None] + zero[..., None]).clamp(qmin, qmax).round()
+    return x.reshape(out, n).to(torch.int8)
+
+
+def stored(scale: Tensor, dtype: torch.dtype) -> Tensor:
+    """The scale as the export stores it (in `dtype`), back in the scale's precision, gradient straight
+    through: training uses the values a loader will use."""
+    return scale + (scale.to(dtype).to(scale.dtype) - scale).detach()
+
+
+class QatLinear(nn.Module):
+    """A peft LoRA Linear computing F.linear(x, Q(W0 + delta), bias): W0 frozen, delta = the adapters',
+    Q the export grid (scale optionally learned, as exp(log_scale) so it stays positive)."""
+
+    zero: Tensor  # [out, G] float, integer-valued (a buffer)
+    scale0: Tensor  # [out, G] the starting scales, as stored (a buffer)
+
+    def __init__(self, lora: Any, scale: Tensor, zero: Tensor, bits: int, gs: int, *, learn_scales: bool,
+                 export_dtype: torch.dtype):
+        super().__init__()
+        self.lora = lora
+        self.qmin, self.qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+        self.gs, self.export_dtype = gs, export_dtype
+        start = scale.to(export_dtype).float()  # the starting grid, exactly as the export would store it
+        self.learn_scales = learn_scales
+        if learn_scales:
+            self.log_scale = nn.Parameter(start.log())
+        self.register_buffer("scale0", start)
+        self.register_buffer("zero", zero.float())
+
+    @property
+    def base(self) -> nn.Linear:
+        return self.lora.base_layer
+
+    def scale(self) -> Tensor:
+        return stored(self.log_scale.exp(), self.export_dtype) if self.learn_scales else self.scale0
+
+    def merged(self) -> Tensor:
+        return self.base.weight + self.lora.get_delta_weight(self.lora.active_adapters[0])
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = fake_quant(self.merged().float(), self.scale(), self.zero, self.qmin, self.qmax, self.gs)
+        return F.linear(x, w.to(x.dtype), self.base.bias)
+
+    @torch.no_grad()
+    def changed(self, q: Tensor) -> int:
+        """How many of the integers `q` differ from the starting ones (W0 on the starting grid)."""
+        q0 = integers(self.base.weight.float(), self.scale0, self.zero, self.qmin, self.qmax, self.gs)
+        return int((q0 != q).sum())
+
+    @torch.no_grad()
+    def export(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(q int8 [out, in], scale [out, G] float32, zero int8 [out, G], the dequantized weight float32)."""
+        scale = self.scale()
+        q = integers(self.merged().float(), scale, self.zero, self.qmin, self.qmax, self.gs)
+        w = ((q.float().reshape(q.shape[0], -1, self.gs) - self.zero[..., None]) * scale[..., None]).reshape(q.shape)
+        return q, scale, self.zero.to(torch.int8), w

@@ -1,0 +1,148 @@
+"""qat: the fake-quant grid against rtn's, straight-through gradients, an export that is exactly the trained
+model, learnable scales, QLoRA with NF4 on CPU, resume after a kill, the vLLM load check, clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from cli_runner import run_cli
+from tiny_models import sample_text
+
+from llmslim.check import check_exports
+from llmslim.checkpoint import Checkpoint
+from llmslim.errors import RecipeError
+from llmslim.methods.gptq.core import rtn_quantize
+from llmslim.pipeline import Workspace, prepare, run
+from llmslim.recipe import parse_recipe
+from llmslim.training.fakequant import fake_quant, integers
+
+# ---------------------------------------------------------------- the grid, pure
+
+
+@pytest.mark.parametrize("bits, group, symmetric", [(4, 32, True), (3, -1, True), (4, 64, False), (8, -1, True)])
+def test_fake_quant_integers_are_rtns(bits, group, symmetric):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(48, 128, generator=g)
+    w[3, 7] = 9.0
+    gs = 128 if group == -1 else group
+    ref = rtn_quantize(w, bits=bits, group_size=group, symmetric=symmetric)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    q = integers(w, ref.scale, ref.zero.float(), qmin, qmax, gs)
+    assert torch.equal(q, ref.q)
+    torch.testing.assert_close(fake_quant(w, ref.scale, ref.zero.float(), qmin, qmax, gs), ref.weight, rtol=0, atol=0)
+
+
+def test_straight_through_gradients():
+    scale = torch.full((2, 1), 0.5)
+    zero = torch.zeros(2, 1)
+    w = torch.tensor([[0.1, 0.74, 9.0, -9.0], [0.3, -0.2, 0.0, 1.1]], requires_grad=True)
+    out = fake_quant(w, scale, zero, -4, 3, 4)  # 3-bit: q in [-4, 3], so |w| > 2 is clamped
+    out.backward(torch.ones_like(out))
+    assert w.grad.tolist() == [[1.0, 1.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0]]  # through round, not through clamp
+    s = scale.clone().requires_grad_()
+    fake_quant(w.detach(), s, zero, -4, 3, 4).sum().backward()
+    assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0  # LSQ: scales learn
+
+
+# ---------------------------------------------------------------- the stage
+
+
+def recipe(root: Path, model: Path, stages: list, **extra) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    text = root.parent / "text.txt"
+    if not text.exists():
+        text.write_text(sample_text())
+    return yaml.safe_dump({
+        "model": str(model), "output": str(root / "out"),
+        "data": {"calib": {"path": str(text), "fraction": [0.0, 0.5], "samples": 8, "seq_len": 64},
+                 "train": {"path": str(text), "fraction": [0.0, 0.5], "seq_len": 64},
+                 "heldout": {"path": str(text), "fraction": [0.5, 1.0], "seq_len": 64, "samples": 8}},
+        "stages": stages, **{"export": {"check": "transformers"}, **extra}})
+
+
+def qat(**kw) -> dict:
+    return {"method": "qat", "data": "train", "calib_data": "calib", "steps": 8, "batch_size": 8, "lr": 1e-2,
+            "save_every": 4, "bits": 4, "group_size": 32, "lora": {"r": 4, "alpha": 8}, **kw}
+
+
+def test_the_export_is_the_trained_model(tiny_tok, tmp_path):
+    """The perplexity the stage measures in memory at its last step, with the fake-quantized model, equals
+    the export's, reloaded from disk by transformers: the integers written are the ones trained."""
+    report = run(parse_recipe(recipe(tmp_path / "a", tiny_tok("llama"), [qat(eval_data="heldout", learn_scales=True)],
+                                     eval={"perplexity": ["heldout"]})))
+    notes = report["stages"][0]["notes"]
+    in_memory = notes["eval"][-1]["ppl"]
+    assert report["eval"]["after"]["perplexity"]["heldout"]["ppl"] == pytest.approx(in_memory, rel=1e-5)
+    assert len(notes["curve"]) == 8 and all(p["loss"] >= 0 for p in notes["curve"])
+    assert " of " in notes["integers_changed_by_training"] and notes["grid"] == "W4 g32 symmetric"
+    config = json.loads((Path(report["output"]) / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] == 4
+    ckpt = Checkpoint(report["output"])
+    scales = ckpt.read([n for n in ckpt.names if n.endswith("weight_scale")])
+    assert all(torch.isfinite(s).all() and (s > 0).all() for s in scales.values())  # learned, still valid
+
+
+def test_rtn_start_with_zero_steps_of_change_is_rtn(tiny_tok, tmp_path):
+    """With a learning rate too small to move any integer, qat's export equals rtn's on the same grid."""
+    a = run(parse_recipe(recipe(tmp_path / "a", tiny_tok("qwen3"), [qat(init="rtn", lr=1e-12, steps=2)])))
+    b = run(parse_recipe(recipe(tmp_path / "b", tiny_tok("qwen3"), [{"method": "rtn", "bits": 4, "group_size": 32}])))
+    ta, tb = Checkpoint(a["output"]), Checkpoint(b["output"])
+    x, y = ta.read(ta.names), tb.read(tb.names)
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x if "weight_packed" in k)
+    assert a["stages"][0]["notes"]["integers_changed_by_training"].startswith("0 of ")
+
+
+def test_qlora_nf4_on_cpu_merges_for_the_next_stage(tiny_tok, tmp_path):
+    stages = [qat(base="nf4", bits=4, group_size=128, calib_data=None, steps=3),
+              {"method": "gptq", "bits": 4, "group_size": 32, "data": "calib"}]
+    stages[0].pop("calib_data")
+    report = run(parse_recipe(recipe(tmp_path / "a", tiny_tok("llama"), stages)))
+    notes = report["stages"][0]["notes"]
+    assert notes["base"].startswith("nf4") and "next stage's W4 grid (rtn) moves them by" in notes["next_grid_shift"]
+    assert report["check"]["passed"]
+
+
+def test_a_killed_qat_resumes_to_the_same_export(tiny_tok, tmp_path):
+    model = tiny_tok("llama")
+    stages = [qat(steps=10, save_every=4)]
+    ref = run(parse_recipe(recipe(tmp_path / "ref", model, stages)))
+    path = tmp_path / "killed" / "r.yaml"
+    path.parent.mkdir(parents=True)
+    path.write_text(recipe(tmp_path / "killed", model, stages))
+    rc, out = run_cli("run", str(path), "--quiet", env={"LLMSLIM_CRASH_AT": "train.saved:2"})
+    assert rc == -9, out
+    rc, out = run_cli("run", str(path), "--quiet")
+    assert rc == 0 and "resuming the training at step 8 of 10" in out, out
+    a, b = Checkpoint(ref["output"]), Checkpoint(tmp_path / "killed" / "out")
+    ta, tb = a.read(a.names), b.read(b.names)
+    assert all(torch.equal(ta[n], tb[n]) for n in ta if "weight_packed" in n)
+
+
+@pytest.mark.vllm
+def test_qat_exports_load_in_vllm(tiny_tok, tmp_path):
+    outs = [run(parse_recipe(recipe(tmp_path / name, tiny_tok("llama"), [stage])))["output"]
+            for name, stage in (("w4", qat(steps=4)), ("w8a8", qat(steps=4, bits=8, group_size=-1, activation_bits=8)))]
+    for r in check_exports(outs, "vllm"):
+        assert r.passed, r.detail  # generates (and agrees) where this CPU's kernels allow; see llmslim.cpu
+
+
+@pytest.mark.parametrize("stage, message", [
+    (qat(base="nf4", bits=3), r"base nf4 is bitsandbytes' 4-bit NormalFloat"),
+    (qat(group_size=128, bits=4), r"stages\[0\]\.group_size: group_size 128 does not divide the input width"),
+    (qat(trainable="all"), r"trainable must be lora"),
+    (qat(lora={"r": 4, "dropout": 0.1}), r"lora.dropout must be 0 for qat"),
+])
+def test_bad_qat_recipes_get_one_line(tiny_tok, tmp_path, stage, message):
+    with pytest.raises(RecipeError, match=message):
+        r = parse_recipe(recipe(tmp_path, tiny_tok("llama", intermediate_size=192), [stage]))
+        prepare(r, Workspace(r.spec.output))
+
+
+def test_qat_refuses_moe_models(tiny, tmp_path):
+    r = parse_recipe(recipe(tmp_path, tiny("mixtral"), [qat()]))
+    with pytest.raises(RecipeError, match=r"qat trains LoRA adapters on Linear layers and MoE experts are fused"):
+        prepare(r, Workspace(r.spec.output))
