@@ -135,15 +135,13 @@ def vllm_run_for(model_dir: str | Path) -> VllmRun:
 
 
 # In 16-bit runs, greedy decoding may take either side of a near-tie: vLLM's token then has to be within
-# NEAR_TIE x (the largest |logit| at that step) of the float32 argmax. Why 2^-5: bf16 keeps 8 significant
-# bits, so each rounding moves a value by up to 2^-9 relative; a logit is the end of a few dozen such
-# roundings (every layer's matmul inputs, norms and residual adds), whose errors partly cancel, and in
-# practice bf16 logits sit within about 2^-6 of float32 ones relative to the largest logit. With W8A8 the
-# int8 activation grid is computed from bf16 inputs, so a value near a rounding boundary may land one
-# int8 step away (1/127 of the token's largest activation): of the same order. 2^-5 leaves a factor of
-# two over that and still rejects real disagreements (a wrong weight moves the chosen token's logit by
-# far more than 3 % of the largest logit: tests/test_checks_fail.py shows both sides).
-NEAR_TIE = 2**-5
+# NEAR_TIE x (the largest |logit| at that step) of the float32 argmax. Measured (bf16 against float32
+# transformers, 32 x 128 random tokens; tests/test_checks_fail.py repeats it on the tiny test models): where
+# the bf16 argmax differs from the float32 one (2-4 % of positions), its float32 logit is at most 2^-6.6
+# (reference model), 2^-5.4 (stories260K) and 2^-4.7 (tiny random Llama) of the largest logit below the
+# argmax. 2^-4 covers that with room; a real disagreement (a wrong weight, a wrong kernel) picks tokens far
+# below the argmax (tests/test_checks_fail.py: the negative case).
+NEAR_TIE = 2**-4
 
 
 @torch.no_grad()
