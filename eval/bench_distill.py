@@ -23,20 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import yaml
+from stories_runs import LIMIT_S, REPO, missing, run_timed
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LLMSLIM_SHARED", REPO.parent / "shared"))
-MODEL = SHARED / "models" / "stories260K-hf"
-TEXT = SHARED / "data" / "tinystories" / "dev.txt"
 RESULTS = REPO / "eval" / "results" / "bench_distill.json"
-LIMIT_S = 600
 
 
 def cuts(layers: int) -> list[dict]:
@@ -50,28 +43,12 @@ def train_stage(args: argparse.Namespace, lr: float, loss: dict) -> dict:
 
 
 def run_recipe(root: Path, name: str, stages: list[dict], seq_len: int) -> dict:
-    from llmslim.pipeline import run
-    from llmslim.recipe import parse_recipe
-
-    recipe = {
-        "model": str(MODEL), "output": str(root / name), "seed": 0,
-        "data": {"calib": {"path": str(TEXT), "fraction": [0.0, 0.5], "samples": 128, "seq_len": 512},
-                 "train": {"path": str(TEXT), "fraction": [0.0, 0.5], "seq_len": seq_len},
-                 "heldout": {"path": str(TEXT), "fraction": [0.5, 1.0], "seq_len": 512}},
-        "stages": stages, "export": {"check": "transformers"}, "eval": {"perplexity": ["heldout"]},
-    }
-    started = time.perf_counter()
-    report = run(parse_recipe(yaml.safe_dump(recipe), f"{name}.yaml"))
-    seconds = time.perf_counter() - started
-    ev = report["eval"]
-    out = {"name": name, "ppl": ev["after"]["perplexity"]["heldout"]["ppl"],
-           "ppl_original": ev["before"]["perplexity"]["heldout"]["ppl"], "seconds": round(seconds, 1),
-           "params": report["size"]["after"]["params"]}
+    report, out = run_timed(root, name, stages, train_seq_len=seq_len)
+    out["params"] = report["size"]["after"]["params"]
     train = next((s for s in report["stages"] if s["method"] == "distill"), None)
     if train:
         out["train_seconds"] = train["notes"]["train_seconds"]
         out["loss"] = train["notes"]["loss"]
-    print(f"  {name}: perplexity {out['ppl']:.3f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
     return out
 
 
@@ -84,8 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", default="1e-3,3e-3", help="learning rates searched for each method")
     parser.add_argument("--hidden-weight", type=float, default=1.0)
     args = parser.parse_args(argv)
-    if not MODEL.is_dir() or not TEXT.is_file():
-        print(f"skipped: {MODEL} or {TEXT} not found (this benchmark needs ../shared; set LLMSLIM_SHARED)")
+    if missing():
+        print(missing())
         return 0
     import transformers
 

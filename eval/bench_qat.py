@@ -20,46 +20,23 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import yaml
+from stories_runs import LIMIT_S, REPO, missing, run_timed
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("LLMSLIM_SHARED", REPO.parent / "shared"))
-MODEL = SHARED / "models" / "stories260K-hf"
-TEXT = SHARED / "data" / "tinystories" / "dev.txt"
 RESULTS = REPO / "eval" / "results" / "bench_qat.json"
-LIMIT_S = 600
 
 
 def run_recipe(root: Path, name: str, stages: list[dict]) -> dict:
-    from llmslim.pipeline import run
-    from llmslim.recipe import parse_recipe
-
-    recipe = {
-        "model": str(MODEL), "output": str(root / name), "seed": 0,
-        "data": {"calib": {"path": str(TEXT), "fraction": [0.0, 0.5], "samples": 128, "seq_len": 512},
-                 "train": {"path": str(TEXT), "fraction": [0.0, 0.5], "seq_len": 256},
-                 "heldout": {"path": str(TEXT), "fraction": [0.5, 1.0], "seq_len": 512}},
-        "stages": stages, "export": {"check": "transformers"}, "eval": {"perplexity": ["heldout"]},
-    }
-    started = time.perf_counter()
-    report = run(parse_recipe(yaml.safe_dump(recipe), f"{name}.yaml"))
-    seconds = time.perf_counter() - started
-    ev = report["eval"]
-    out = {"name": name, "ppl": ev["after"]["perplexity"]["heldout"]["ppl"],
-           "ppl_original": ev["before"]["perplexity"]["heldout"]["ppl"], "seconds": round(seconds, 1)}
+    report, out = run_timed(root, name, stages)
     for s in report["stages"]:
         if s["method"] == "qat" and s["notes"].get("eval"):
             out["ppl_in_memory"] = s["notes"]["eval"][-1]["ppl"]
             out["integers_changed"] = s["notes"].get("integers_changed_by_training")
         if s["method"] == "qat" and "next_grid_shift" in s["notes"]:
             out["next_grid_shift"] = s["notes"]["next_grid_shift"]
-    print(f"  {name}: perplexity {out['ppl']:.3f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
     return out
 
 
@@ -78,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lrs", default="1e-3,3e-3")
     args = parser.parse_args(argv)
-    if not MODEL.is_dir() or not TEXT.is_file():
-        print(f"skipped: {MODEL} or {TEXT} not found (this benchmark needs ../shared; set LLMSLIM_SHARED)")
+    if missing():
+        print(missing())
         return 0
     import transformers
 

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 from cli_runner import run_cli
 from conftest import REPO
 from safetensors.torch import load_file
-from tiny_models import sample_text
+from tiny_models import tiny_recipe as recipe
 
 from llmslim.checkpoint import Checkpoint
 from llmslim.errors import RecipeError
@@ -121,22 +120,18 @@ def test_layer_origin_after_drop_layers_stages():
 # ---------------------------------------------------------------- the stage on tiny models
 
 
-def recipe(root: Path, model: Path, stages: list, **extra) -> str:
-    root.mkdir(parents=True, exist_ok=True)
-    text = root.parent / "text.txt"
-    if not text.exists():
-        text.write_text(sample_text())
-    return yaml.safe_dump({
-        "model": str(model), "output": str(root / "out"),
-        "data": {"calib": {"path": str(text), "fraction": [0.0, 0.5], "samples": 8, "seq_len": 64},
-                 "train": {"path": str(text), "fraction": [0.0, 0.5], "seq_len": 64},
-                 "heldout": {"path": str(text), "fraction": [0.5, 1.0], "seq_len": 64, "samples": 8}},
-        "stages": stages, "export": {"check": "transformers"}, **extra})
-
-
 def distill(**kw) -> dict:
     return {"method": "distill", "data": "train", "steps": 12, "batch_size": 8, "lr": 3e-3, "warmup": 2,
             "save_every": 5, **kw}
+
+
+def test_evaluations_measure_the_weights_not_their_mixed_precision_view(tiny_tok, tmp_path):
+    """Under bf16 mixed precision (the default on a GPU) accelerate wraps forward in autocast; the stage's
+    perplexity must still be that of the float32 weights it writes (found on an H100, reproduced here)."""
+    stages = [distill(steps=3, save_every=3, mixed_precision="bf16", eval_data="heldout")]
+    report = run(parse_recipe(recipe(tmp_path / "a", tiny_tok("llama"), stages, eval={"perplexity": ["heldout"]})))
+    in_memory = report["stages"][0]["notes"]["eval"][-1]["ppl"]
+    assert report["eval"]["after"]["perplexity"]["heldout"]["ppl"] == pytest.approx(in_memory, rel=1e-5)
 
 
 PRUNE = [{"method": "drop_layers", "layers": [1]},

@@ -6,8 +6,10 @@ one takes well under a second."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 from transformers import (
     AutoModelForCausalLM,
     LlamaConfig,
@@ -110,3 +112,18 @@ def add_tokenizer(path: Path, vocab_size: int = 512) -> Path:
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     fast.save_pretrained(path)
     return path
+
+
+def tiny_recipe(root: Path, model: Path, stages: list, **extra: Any) -> str:
+    """A recipe text for `stages` on a tiny model: calibration and training text from the first half of
+    sample_text(), a held-out half, the export checked in transformers (overridable through `extra`)."""
+    root.mkdir(parents=True, exist_ok=True)
+    text = root.parent / "text.txt"
+    if not text.exists():
+        text.write_text(sample_text())
+    return yaml.safe_dump({
+        "model": str(model), "output": str(root / "out"),
+        "data": {"calib": {"path": str(text), "fraction": [0.0, 0.5], "samples": 8, "seq_len": 64},
+                 "train": {"path": str(text), "fraction": [0.0, 0.5], "seq_len": 64},
+                 "heldout": {"path": str(text), "fraction": [0.5, 1.0], "seq_len": 64, "samples": 8}},
+        "stages": stages, "export": {"check": "transformers"}, **extra})

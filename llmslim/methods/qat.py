@@ -131,7 +131,8 @@ def _grid_start(ctx: StageContext, cfg: QatConfig, fmt: QuantFormat, targets: li
                 task.advance()
         else:
             for i in range(len(lazy.layers)):
-                quantize(lazy.materialize(i), i, None)
+                # on the device the rtn stage would use: a GPU's scales can differ from a CPU's in the last bit
+                quantize(lazy.materialize(i).to(ctx.device), i, None)
                 lazy.release(i)
                 task.advance()
     return start

@@ -23,7 +23,8 @@ import math
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -175,7 +176,8 @@ def train(model: nn.Module, windows: Tensor, loss_fn: LossFn, cfg: TrainFields, 
         if eval_windows is None or not acc.is_main_process:
             return
         unwrapped.eval()
-        ppl = perplexity(unwrapped, eval_windows).ppl
+        with _without_autocast(unwrapped):  # the weights as they will be written, not their bf16 view
+            ppl = perplexity(unwrapped, eval_windows).ppl
         unwrapped.train()
         result.evals.append({"step": step, "ppl": round(ppl, 6)})
         log.info("%s: step %d: perplexity %.4f on eval_data", label, step, ppl)
@@ -224,8 +226,25 @@ def train(model: nn.Module, windows: Tensor, loss_fn: LossFn, cfg: TrainFields, 
     acc.wait_for_everyone()
     result.seconds = time.perf_counter() - started
     acc.free_memory()  # drops the accelerator's references (DDP wrapper, optimizer) before the caller saves
+    acc.unwrap_model(unwrapped, keep_fp32_wrapper=False)  # and mixed precision's autocast around forward
     del dist
     return result
+
+
+@contextmanager
+def _without_autocast(model: nn.Module) -> Iterator[None]:
+    """Run `model` with its own forward: accelerate's mixed precision replaces model.forward by an autocast
+    wrapper (keeping the original as _original_forward), which would measure a bf16 view of the weights on
+    a GPU while the export holds them in float32."""
+    wrapped, original = model.__dict__.get("forward"), model.__dict__.get("_original_forward")
+    if wrapped is None or original is None:
+        yield
+        return
+    model.forward = original  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        model.forward = wrapped  # type: ignore[method-assign]
 
 
 def _save(acc: Any, saved: Path, result: TrainResult) -> None:
