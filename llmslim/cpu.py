@@ -57,7 +57,7 @@ class CpuFeatures:
 
     def describe(self) -> str:
         flags = [n for n in ("avx2", "vnni", "avx512", "avx512_bf16", "amx") if getattr(self, n)]
-        return f"{self.family} ({', '.join(flags) or 'no AVX2'})"
+        return f"{', '.join(flags) or 'no AVX2'}: the {self.family} row of the README's Machines table"
 
 
 FAMILY_FEATURES = {
@@ -157,7 +157,8 @@ def vllm_cpu_run(kind: ExportKind, f: CpuFeatures, checkpoint_dtype: str = "bflo
     if not f.avx512:
         return VllmRun(sixteen, False, False, (
             "weight-only int4/int8 loads in vLLM, but its CPU kernel (cpu_gemm_wna16) exists only in vllm-cpu's "
-            f"AVX-512 libraries and this CPU is {f.describe()}: generation needs a GPU or an AVX-512 CPU"))
+            f"AVX-512 libraries and this CPU ({f.describe()}) has no AVX-512: generation needs a GPU or an "
+            "AVX-512 CPU"))
     return VllmRun(sixteen, True, False, "vLLM's weight-only CPU kernel takes bf16/fp16 activations only")
 
 

@@ -32,6 +32,9 @@ def _context():
 
 def _child(argv: list[str], log: str, env: dict[str, str | None], cwd: str | None) -> None:
     os.setsid()
+    # Ctrl-C as in a terminal: a shell ignores SIGINT in what it starts in the background (`pytest &`),
+    # and Python keeps an ignored SIGINT ignored, which would make the Ctrl-C tests see nothing
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     for k, v in env.items():
         if v is None:
             os.environ.pop(k, None)

@@ -53,7 +53,7 @@ def test_families_and_native_bf16():
     assert CpuFeatures().family == "other"
     assert [native_bf16(FAMILY_FEATURES[f]) for f in FAMILIES] == [False, False, False, False, True, True]
     assert "AVX-512" in vllm_cpu_run("weight_only", FAMILY_FEATURES["avx2"]).why
-    assert "avx2 (avx2)" in vllm_cpu_run("weight_only", FAMILY_FEATURES["avx2"]).why
+    assert "(avx2: the avx2 row of the README's Machines table)" in vllm_cpu_run("weight_only", FAMILY_FEATURES["avx2"]).why
     assert "no VNNI" in vllm_cpu_run("w8a8", FAMILY_FEATURES["avx512"]).why
 
 

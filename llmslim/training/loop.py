@@ -130,9 +130,13 @@ def train(model: nn.Module, windows: Tensor, loss_fn: LossFn, cfg: TrainFields, 
     minimising loss_fn; resumes from `state_dir`/train-state when a killed run left one. The model is
     trained in place; the caller writes it out."""
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
     from accelerate.utils import set_seed
 
     dist = distributed_state()
+    # AcceleratorState is a process-wide singleton that refuses a second Accelerator with other settings
+    # (e.g. a bf16 stage, then a float32 one, in one run); the process group (PartialState) stays
+    AcceleratorState._reset_state()
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
