@@ -134,6 +134,14 @@ def test_evaluations_measure_the_weights_not_their_mixed_precision_view(tiny_tok
     assert report["eval"]["after"]["perplexity"]["heldout"]["ppl"] == pytest.approx(in_memory, rel=1e-5)
 
 
+def test_one_run_trains_in_bf16_then_in_float32(tiny_tok, tmp_path):
+    """accelerate keeps one process-wide state; a second training stage with other settings must not hit it."""
+    stages = [distill(steps=2, warmup=1, save_every=2, mixed_precision="bf16"),
+              distill(steps=2, warmup=1, save_every=2, mixed_precision="no")]
+    report = run(parse_recipe(recipe(tmp_path / "a", tiny_tok("llama"), stages)))
+    assert [len(s["notes"]["curve"]) for s in report["stages"]] == [2, 2]
+
+
 PRUNE = [{"method": "drop_layers", "layers": [1]},
          {"method": "prune_ffn", "intermediate_size": 128, "criterion": "activation", "data": "calib"}]
 
