@@ -68,6 +68,7 @@ def _setup(quiet: bool) -> tuple[Any, Progress]:
     transformers.utils.logging.disable_progress_bar()  # our own progress display replaces tqdm bars
     transformers.utils.logging.set_verbosity_error()
     console = Console(stderr=True)
+    logging.getLogger("accelerate").setLevel(logging.WARNING)  # its per-file "saved" lines at every checkpoint
     if int(os.environ.get("RANK", "0")) > 0:  # not the main process of a multi-process launch: warnings only
         logging.basicConfig(level=logging.WARNING, format=f"[rank {os.environ['RANK']}] %(message)s", stream=sys.stderr)
         return console, Progress()

@@ -113,5 +113,5 @@ def phase_of(units: list[str], stages: int) -> str:
              "eval_after": "eval of the export", "exported": "report and rename"}
     for unit in order:
         if unit not in units:
-            return names.get(unit, f"stage {unit.split(':')[1]}")
+            return names[unit] if unit in names else f"stage {unit.split(':')[1]}"
     return "after the end"
