@@ -128,6 +128,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=False,
                    help="llm-compressor's actorder='static' (= 'weight'); default off")
     p.add_argument("--dampening", type=float, default=0.01, help="dampening_frac")
+    p.add_argument("--observer", default="minmax", help="weight observer: minmax (the default) or one of "
+                   "compressed-tensors' observer names (e.g. mse)")
     p.add_argument("--block-size", type=int, default=128, help="GPTQ column block size")
     p.add_argument("--batch-size", type=int, default=1, help="calibration batch size")
     p.add_argument("--dtype", default="auto", help="model load dtype: auto|bfloat16|float32|...")
@@ -236,7 +238,8 @@ def main() -> None:
         symmetric=args.symmetric,
         strategy="channel" if args.group_size == -1 else "group",
         group_size=None if args.group_size == -1 else args.group_size,
-        # observer left at its default: min-max over the (original) weight per row/group
+        # --observer minmax: left at its default, min-max over the weight per row/group; else that observer
+        **({} if args.observer == "minmax" else {"observer": args.observer}),
     )
     modifier = GPTQModifier(
         config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
@@ -303,6 +306,7 @@ def main() -> None:
             "act_order": args.act_order,
             "actorder": "static" if args.act_order else None,
             "dampening_frac": args.dampening,
+            "observer": args.observer,
             "block_size": args.block_size,
             "targets": ["Linear"],
             "ignore": ["lm_head"],

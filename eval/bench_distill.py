@@ -24,10 +24,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-from stories_runs import LIMIT_S, REPO, missing, run_timed
+from stories_runs import LIMIT_S, REPO, run_timed, start
 
 RESULTS = REPO / "eval" / "results" / "bench_distill.json"
 
@@ -61,15 +60,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lrs", default="1e-3,3e-3", help="learning rates searched for each method")
     parser.add_argument("--hidden-weight", type=float, default=1.0)
     args = parser.parse_args(argv)
-    if missing():
-        print(missing())
+    root = start("distill")
+    if root is None:
         return 0
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
     lrs = [float(x) for x in args.lrs.split(",")]
     budgets = sorted(int(x) for x in args.steps.split(","))
-    root = Path(tempfile.mkdtemp(prefix="llmslim-bench-distill-"))
 
     pruned = run_recipe(root, "pruned", cuts(1), args.seq_len)
     original = pruned["ppl_original"]

@@ -161,14 +161,15 @@ def run_ours(recipe: Path, output: Path, log: Path) -> dict[str, Any]:
 
 
 def run_anchor(model: Path, tokens: Path, token_hash: str, out: Path, bits: int, group_size: int, log: Path,
-               dense_out: Path | None = None) -> dict[str, Any]:
+               dense_out: Path | None = None, observer: str = "minmax") -> dict[str, Any]:
     for old in filter(None, (out, dense_out)):
         shutil.rmtree(old, ignore_errors=True)
     report = out.with_name(out.name + ".json")
     cmd = [str(ANCHOR_PY), str(ANCHOR), "--model", str(model), "--tokens", str(tokens), "--out", str(out),
            "--json", str(report), "--bits", str(bits), "--group-size", str(group_size), "--symmetric",
            "--act-order" if GPTQ["act_order"] else "--no-act-order", "--dampening", str(GPTQ["dampening"]),
-           "--block-size", str(GPTQ["block_size"])] + (["--dense-out", str(dense_out)] if dense_out else [])
+           "--block-size", str(GPTQ["block_size"]), "--observer", observer] + (
+               ["--dense-out", str(dense_out)] if dense_out else [])
     result = run_child(cmd, log)
     anchor = json.loads(report.read_text())
     seen = anchor["calibration"]["tokens_sha256"]

@@ -21,10 +21,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 from pathlib import Path
 
-from stories_runs import LIMIT_S, REPO, missing, run_timed
+from stories_runs import LIMIT_S, REPO, run_timed, start
 
 RESULTS = REPO / "eval" / "results" / "bench_qat.json"
 
@@ -55,14 +54,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--lrs", default="1e-3,3e-3")
     args = parser.parse_args(argv)
-    if missing():
-        print(missing())
+    root = start("qat")
+    if root is None:
         return 0
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
     lrs = [float(x) for x in args.lrs.split(",")]
-    root = Path(tempfile.mkdtemp(prefix="llmslim-bench-qat-"))
     rows, all_runs = [], []
     for bits in (3, 4):
         base = run_recipe(root, f"gptq-w{bits}", [gptq(bits)])

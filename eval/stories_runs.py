@@ -47,3 +47,17 @@ def run_timed(root: Path, name: str, stages: list[dict], *, train_seq_len: int =
            "ppl_original": ev["before"]["perplexity"]["heldout"]["ppl"], "seconds": round(seconds, 1)}
     print(f"  {name}: perplexity {out['ppl']:.3f} ({seconds:.0f} s)", file=sys.stderr, flush=True)
     return report, out
+
+
+def start(name: str) -> Path | None:
+    """The benchmark's work folder (a new temporary one), after quieting transformers; None (after saying
+    why) when ../shared is absent."""
+    import tempfile
+
+    import transformers
+
+    if missing():
+        print(missing())
+        return None
+    transformers.utils.logging.set_verbosity_error()
+    return Path(tempfile.mkdtemp(prefix=f"llmslim-bench-{name}-"))

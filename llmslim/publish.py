@@ -162,12 +162,13 @@ def export_and_report(recipe: Recipe, work: Workspace, src_dir: Path, source: Ch
             shutil.rmtree(tmp / "eval")
         write_outputs(new_report(f"llmslim run {recipe.source}", recipe_settings(spec.eval, dtype),
                                  [eval_before, eval_after]), tmp / "eval")
-    from .evaluate.plots import plot_training
+    from .evaluate.plots import plot_expert_load, plot_training
 
     if (tmp / "plots").exists():
         shutil.rmtree(tmp / "plots")
-    for rec in state["stages"]:  # the training stages' loss and eval curves
+    for rec in state["stages"]:  # the training stages' loss and eval curves, the MoE stages' expert load
         plot_training(rec, tmp / "plots" / f"stage-{rec['index']}-{rec['method']}.png")
+        plot_expert_load(rec, tmp / "plots" / f"stage-{rec['index']}-{rec['method']}-expert-load.png")
     before_size, after_size = rows[0], PlanState(Checkpoint(tmp).config, source.adapter, dtype).size()
     report = {
         "schema_version": SCHEMA_VERSION, "model": spec.model, "output": str(work.output),

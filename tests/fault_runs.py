@@ -19,7 +19,8 @@ import yaml
 
 # Files whose content records when and how long things took, not what was computed; and report fields
 # that do (timings, memory, where the export went: recipe_full_hash hashes the `output` path too).
-VOLATILE_FILES = {"llmslim_report.json", "llmslim_report.md", "eval"}
+VOLATILE_FILES = {"llmslim_report.json", "llmslim_report.md", "eval",
+                  "plots"}  # plots: drawn from the report's notes, which are compared below
 VOLATILE_KEYS = {"seconds", "peak_rss_bytes", "layers_from_earlier_run", "load_seconds", "created", "command",
                  "date", "wall_seconds", "rss", "timestamp", "output", "path", "recipe_full_hash"}
 

@@ -113,7 +113,7 @@ def plot_training(record: dict[str, Any], path: Path) -> Path | None:
     fig, axes = _figure(9.0 if evals else 5.5, 3.6, 2 if evals else 1)
     steps = [p["step"] for p in curve]
     ax = axes[0]
-    for key in ("loss", "logits", "hidden", "lm"):
+    for key in ("loss", "logits", "hidden", "lm", "balance"):
         if key in curve[0] and (key == "loss" or len(curve[0]) > 4):
             ax.plot(steps, [p[key] for p in curve], label=key, linewidth=1.6 if key == "loss" else 1.0)
     ax.set_xlabel("optimizer step")
@@ -126,6 +126,31 @@ def plot_training(record: dict[str, Any], path: Path) -> Path | None:
         axes[1].set_xlabel("optimizer step")
         axes[1].set_ylabel("perplexity (eval_data)")
         axes[1].grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    return path
+
+
+def plot_expert_load(record: dict[str, Any], path: Path) -> Path | None:
+    """An MoE stage's expert load by layer (from its notes' routing statistics): a heatmap of the share of
+    calibration tokens whose top-k holds each expert; experts no token reached are marked with x."""
+    layers = ((record.get("notes") or {}).get("routing") or {}).get("layers") or {}
+    if not layers:
+        return None
+    rows = sorted(layers, key=int)
+    width = max(len(layers[r]["load"]) for r in rows)
+    grid = [layers[r]["load"] + [float("nan")] * (width - len(layers[r]["load"])) for r in rows]
+    fig, (ax,) = _figure(min(2.5 + 0.35 * width, 14), min(1.6 + 0.3 * len(rows), 12))
+    image = ax.imshow(grid, aspect="auto", cmap="viridis", vmin=0)
+    for y, r in enumerate(rows):
+        for e in layers[r].get("unrouted") or []:
+            ax.text(e, y, "x", ha="center", va="center", color="red", fontsize=9)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("layer")
+    ax.set_yticks(range(len(rows)), rows)
+    ax.set_title(f"stages[{record['index']}] {record['method']}: expert load (share of tokens; x = none)", fontsize=10)
+    fig.colorbar(image, ax=ax)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)

@@ -3,8 +3,7 @@ importing this package registers them all. Names that later releases implement a
 that recipes using them get a clear message instead of "unknown method"."""
 
 from ..registry import reserve
-from . import distill, drop_layers, gptq, prune_ffn, prune_heads, qat  # noqa: F401
+from . import distill, drop_layers, experts, gptq, moefy, prune_ffn, prune_heads, qat  # noqa: F401
 
-reserve("moefy", "[6/8] MoE gating")
-reserve("prune_experts", "[6/8] MoE gating")
-reserve("set_topk", "[6/8] MoE gating")
+reserve("awq", "[10] PTQ beyond GPTQ")
+reserve("autoround", "[10] PTQ beyond GPTQ")

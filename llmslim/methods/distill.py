@@ -48,6 +48,10 @@ def _teacher_config(teacher: str) -> Any:
 
 def plan(state: PlanState, cfg: DistillConfig) -> PlanState:
     shape = state.shape
+    if cfg.loss.balance and not state.adapter.is_moe:
+        raise PlanError("loss", f"loss.balance {cfg.loss.balance}: the load-balancing term needs an MoE student "
+                                f"(Mixtral, Qwen2-MoE, Qwen3-MoE; e.g. after moefy); this one is "
+                                f"'{state.config.model_type}'")
     teacher_layers, teacher_hidden = None, None
     if cfg.teacher is not None and cfg.uses_teacher:
         tc = _teacher_config(cfg.teacher)

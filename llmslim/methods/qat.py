@@ -70,9 +70,10 @@ class QatConfig(TrainFields, QuantFields):
             raise ValueError("lora.dropout must be 0 for qat: the forward uses the merged weight, where dropout on "
                              "the adapters' input does not exist")
         if self.base == "nf4" and (self.bits != 4 or self.group_size != 128 or not self.symmetric
-                                   or self.activation_bits or self.learn_scales or self.init != "gptq"):
+                                   or self.activation_bits or self.learn_scales or self.init != "gptq"
+                                   or self.observer != "minmax"):
             raise ValueError("base nf4 is bitsandbytes' 4-bit NormalFloat with its own blocks: bits, group_size, "
-                             "symmetric, activation_bits, learn_scales and init apply to base grid only; leave "
+                             "symmetric, activation_bits, observer, learn_scales and init apply to base grid only; leave "
                              "them out (the grid is chosen by the gptq/rtn stage that follows)")
         return self
 
@@ -103,7 +104,7 @@ def _grid_start(ctx: StageContext, cfg: QatConfig, fmt: QuantFormat, targets: li
     start: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     gcfg = GptqConfig(data=cfg.calib_data or cfg.data, bits=cfg.bits, group_size=cfg.group_size,
                       symmetric=cfg.symmetric, ignore=cfg.ignore, per_channel_fallback=cfg.per_channel_fallback,
-                      act_order=False)  # static column groups, no g_idx: the grid fake_quant reproduces
+                      observer=cfg.observer, act_order=False)  # static column groups, no g_idx: the grid fake_quant reproduces
 
     def quantize(layer: nn.Module, i: int, hessians: Any) -> None:
         for t in targets[i]:

@@ -23,6 +23,10 @@ class LossWeights(BaseModel):
     """Distance between mapped student and teacher hidden states (see `hidden_layers`, `hidden_kind`)."""
     lm: float = Field(default=0.0, ge=0)
     """Next-token cross-entropy on the training text (plain fine-tuning when alone)."""
+    balance: float = Field(default=0.0, ge=0)
+    """MoE students: the load-balancing loss of Switch Transformer and Mixtral (E x sum over experts of the
+    share of tokens routed to the expert x its mean router probability, averaged over the MoE layers; 1
+    when balanced), which keeps routers from collapsing onto a few experts while they train."""
 
 
 class LoraFields(BaseModel):

@@ -54,7 +54,8 @@ def make_loss(cfg: TrainFields, teacher: Teacher | None, cache: TopKCache | None
         layers = decoder_layers(core)
         store, handles = collect_layer_outputs(layers, wanted if cfg.loss.hidden else [])
         try:
-            logits = model(input_ids=tokens, use_cache=False).logits
+            out = model(input_ids=tokens, use_cache=False, **({"output_router_logits": True} if cfg.loss.balance else {}))
+            logits = out.logits
         finally:
             for h in handles:
                 h.remove()
@@ -79,6 +80,10 @@ def make_loss(cfg: TrainFields, teacher: Teacher | None, cache: TopKCache | None
                                  for s, t in mapping.items()]).mean()
                 total = total + cfg.loss.hidden * h
                 terms["hidden"] = float(h.detach())
+        if cfg.loss.balance:  # transformers' load_balancing_loss_func over every MoE layer's router logits
+            balance = out.aux_loss.float()
+            total = total + cfg.loss.balance * balance
+            terms["balance"] = float(balance.detach())
         if cfg.loss.lm:
             lm = losses.lm_loss(logits, tokens)
             total = total + cfg.loss.lm * lm

@@ -14,22 +14,18 @@
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import os
 import re
 import time
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
 from ...adapters import layer_of
-from ...checkpoint import save_safetensors
 from ...faults import crash_point
 from ...formats.compressed import QuantScheme, quantization_config_groups
+from ...layerstore import layer_file, load_layer, save_layer, write_export
 from ...layerwise import walk
 from ...plan import PlanError, PlanState, meta_model
 from ...registry import Method, register
@@ -112,26 +108,6 @@ def plan(state: PlanState, cfg: QuantFields) -> PlanState:
 # ---------------------------------------------------------------- the stage
 
 
-def _layer_file(scratch: Path, index: int) -> Path:
-    return scratch / f"layer-{index:05d}.safetensors"
-
-
-def _save_layer(path: Path, tensors: dict[str, torch.Tensor], notes: dict[str, Any]) -> None:
-    # The notes go beside the layer, not into its safetensors metadata: the file becomes a shard of the
-    # export, and safetensors writes metadata keys in a different order in every process (a hash map),
-    # which would make the export differ byte for byte between a resumed run and an uninterrupted one.
-    path.with_suffix(".json").write_text(json.dumps(notes))
-    tmp = path.with_suffix(".tmp")
-    save_safetensors({k: v.contiguous() for k, v in tensors.items()}, tmp)
-    os.replace(tmp, path)  # a layer counts as done only once its tensors are complete (notes are written first)
-
-
-def _load_layer(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    notes = json.loads(path.with_suffix(".json").read_text())
-    with safe_open(str(path), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}, notes
-
-
 def config_block(ctx: StageContext, fmt: QuantFormat, act_order: bool, model: Any,
                   targets: list[list[Target]]) -> dict:
     """compressed-tensors' quantization_config for what was quantized: one group targeting every Linear
@@ -175,12 +151,12 @@ def run(ctx: StageContext, cfg: QuantFields) -> StageResult:
     assert isinstance(fmt, QuantFormat)
     calibrate = isinstance(cfg, GptqConfig)
     act_order = bool(getattr(cfg, "act_order", False))
-    adapter, src = ctx.source.adapter, ctx.source
+    adapter = ctx.source.adapter
     lazy = ctx.lazy_model()
     targets, _ = targets_by_layer(lazy.model, adapter, cfg.ignore)
     n = len(lazy.layers)
     ctx.scratch_dir.mkdir(parents=True, exist_ok=True)
-    done = [i for i in range(n) if _layer_file(ctx.scratch_dir, i).is_file()]
+    done = [i for i in range(n) if layer_file(ctx.scratch_dir, i).is_file()]
     resumed = len(done)
     first_todo = next((i for i in range(n) if i not in done), n)
     if resumed:
@@ -196,7 +172,7 @@ def run(ctx: StageContext, cfg: QuantFields) -> StageResult:
             hessians = collect_hessians(layer, targets[i], inputs, ctx.device, cfg.expert_min_tokens)
         result = quantize_layer(layer, i, adapter, targets[i], cfg, fmt, hessians, ctx.dtype)
         notes = {**result.notes, "seconds": round(time.perf_counter() - started, 3)}
-        _save_layer(_layer_file(ctx.scratch_dir, i), result.tensors, notes)
+        save_layer(layer_file(ctx.scratch_dir, i), result.tensors, notes)
         crash_point("gptq.layer")
         return notes
 
@@ -209,7 +185,7 @@ def run(ctx: StageContext, cfg: QuantFields) -> StageResult:
             for step in walk(lazy, ctx.calibration_inputs(lazy), device=ctx.device):
                 i = step.index
                 if i < first_todo:
-                    tensors, notes = _load_layer(_layer_file(ctx.scratch_dir, i))
+                    tensors, notes = load_layer(layer_file(ctx.scratch_dir, i))
                     restore_layer(step.layer, i, adapter, targets[i], fmt, act_order, tensors)
                     del tensors
                 else:
@@ -221,7 +197,7 @@ def run(ctx: StageContext, cfg: QuantFields) -> StageResult:
         else:  # rtn (or a gptq run whose layers are all done): layers are independent
             for i in range(n):
                 if i in done:
-                    notes_by_layer.append(_load_layer(_layer_file(ctx.scratch_dir, i))[1])
+                    notes_by_layer.append(load_layer(layer_file(ctx.scratch_dir, i))[1])
                 else:
                     notes_by_layer.append(quantize(lazy.materialize(i).to(ctx.device), i, None))
                     lazy.release(i)
@@ -229,11 +205,7 @@ def run(ctx: StageContext, cfg: QuantFields) -> StageResult:
     config = copy.deepcopy(ctx.after.config)
     config.dtype = ctx.dtype
     config.quantization_config = config_block(ctx, fmt, act_order, lazy.model, targets)
-    writer = ctx.writer()
-    writer.add(src.read([k for k in src.names if layer_of(k) is None], ctx.dtype))
-    for i in range(n):
-        writer.adopt(_layer_file(ctx.scratch_dir, i))
-    writer.close(config)
+    write_export(ctx, config, n)
     return StageResult(config, _notes(fmt, cfg, notes_by_layer, resumed))
 
 

@@ -170,11 +170,12 @@ def quantize_matrix(W: Tensor, H: Tensor | None, cfg: QuantFields, fmt: QuantFor
     gs = fmt.group_for(W.shape[1])
     assert gs is not None
     if H is None:
-        return rtn_quantize(W, bits=fmt.bits, group_size=gs, symmetric=fmt.symmetric, scale_dtype=scale_dtype)
+        return rtn_quantize(W, bits=fmt.bits, group_size=gs, symmetric=fmt.symmetric, scale_dtype=scale_dtype,
+                            observer=cfg.observer)
     assert isinstance(cfg, GptqConfig)
     return gptq_quantize(W, H, bits=fmt.bits, group_size=gs, symmetric=fmt.symmetric, act_order=cfg.act_order,
                          dampening=cfg.dampening, block_size=cfg.block_size, static_groups=True,
-                         scale_dtype=scale_dtype)
+                         scale_dtype=scale_dtype, observer=cfg.observer)
 
 
 def _rows(res: QuantResult, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
