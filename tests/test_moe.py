@@ -340,11 +340,14 @@ def test_killed_moe_stages_resume_per_layer_and_end_byte_identical(tiny_tok, tmp
 
 @pytest.mark.vllm
 def test_moe_exports_serve_in_vllm_with_the_same_tokens(tiny_tok, tmp_path):
-    """moefy (Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE; and the bundled reference model),
-    prune_experts (Mixtral, Qwen2-MoE, Qwen3-MoE) and set_topk: each export, in vLLM on this CPU, gives
-    transformers' greedy tokens."""
+    """moefy (Mixtral, Qwen2-MoE with a shared expert, Qwen3-MoE; and the bundled reference model, also
+    followed by prune_experts and set_topk), prune_experts (Mixtral, Qwen2-MoE, Qwen3-MoE) and set_topk:
+    each export, in vLLM on this CPU, gives transformers' greedy tokens."""
     runs = [
         ("reference", REFERENCE, [{"method": "moefy", "experts": 4, "top_k": 2, "data": "calib"}]),
+        ("reference-chain", REFERENCE, [{"method": "moefy", "experts": 4, "top_k": 2, "data": "calib"},
+                                        {"method": "prune_experts", "keep": 3, "data": "calib"},
+                                        {"method": "set_topk", "top_k": 1}]),
         ("llama", tiny_tok("llama"), [{"method": "moefy", "experts": 4, "top_k": 2, "data": "calib"}]),
         ("llama-shared", tiny_tok("llama"),
          [{"method": "moefy", "experts": 4, "top_k": 1, "shared": 64, "data": "calib"}]),
