@@ -6,6 +6,7 @@ rebuild the next layer's calibration activations. At the end the files become th
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import torch
 from safetensors import safe_open
 
 from .checkpoint import save_safetensors
+
+log = logging.getLogger(__name__)
 
 
 def layer_file(scratch: Path, index: int) -> Path:
@@ -37,9 +40,14 @@ def load_layer(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         return {k: f.get_tensor(k) for k in f.keys()}, notes
 
 
-def done_layers(scratch: Path, n: int) -> list[int]:
-    """The layers an earlier run finished."""
-    return [i for i in range(n) if layer_file(scratch, i).is_file()]
+def done_layers(ctx: Any, n: int, verb: str) -> list[int]:
+    """The layers an earlier run of this stage finished (its files in `ctx.scratch_dir`), said in the log."""
+    done = [i for i in range(n) if layer_file(ctx.scratch_dir, i).is_file()]
+    if done:
+        first_todo = next((i for i in range(n) if i not in done), n)
+        log.info("%s: %d of %d layers were %s by an earlier run; continuing at layer %d",
+                 ctx.stage.label, len(done), n, verb, first_todo)
+    return done
 
 
 def write_export(ctx: Any, config: Any, n: int) -> None:

@@ -29,7 +29,7 @@ from torch import nn
 from ..adapters import layer_of
 from ..faults import crash_point
 from ..layerstore import done_layers, layer_file, load_layer, save_layer, write_export
-from ..layerwise import walk
+from ..layerwise import forward_layer, walk
 from ..plan import PlanError, PlanState
 from ..registry import Method, MethodConfig, register
 from ..stage import StageContext, StageResult
@@ -143,9 +143,7 @@ def run_prune(ctx: StageContext, cfg: PruneExpertsConfig) -> StageResult:
     keep = adapter.shape(config).experts
     lazy = ctx.lazy_model()
     n = len(lazy.layers)
-    done = done_layers(ctx.scratch_dir, n)
-    if done:
-        log.info("%s: %d of %d layers were pruned by an earlier run", ctx.stage.label, len(done), n)
+    done = done_layers(ctx, n, "pruned")
     layers: dict[str, Any] = {}
     stats_by_layer: dict[str, Any] = {}
 
@@ -190,9 +188,7 @@ def run_prune(ctx: StageContext, cfg: PruneExpertsConfig) -> StageResult:
                 if i >= first_todo and adapter.experts(layer) is not None:
                     hook = _Routing(adapter.mlp(layer), ctx.before.config, reap=cfg.criterion == "reap")
                     try:
-                        with torch.no_grad():
-                            for h, kw in zip(step.inputs.hidden, step.inputs.kwargs):
-                                layer(h, **kw)
+                        forward_layer(layer, step.inputs)
                     finally:
                         hook.handle.remove()
                     stats, scores = hook.stats, hook.stats.scores(cfg.criterion)

@@ -46,7 +46,7 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 from ..adapters import Adapter
 from ..faults import crash_point
 from ..layerstore import done_layers, layer_file, load_layer, save_layer, write_export
-from ..layerwise import walk
+from ..layerwise import forward_layer, walk
 from ..plan import PlanError, PlanState
 from ..registry import Method, MethodConfig, register
 from ..stage import StageContext, StageResult
@@ -199,10 +199,10 @@ def build_block(mlp: Any, x: torch.Tensor, config: PretrainedConfig, cfg: MoefyC
     weights = routing.route(logits, k, normalize=True)
     stats = routing.RoutingStats(E)
     stats.add(logits, weights)
-    dense = routed_dense.cpu().double() + (act[:, shared] @ down[:, shared].T).cpu().double() if shared is not None \
-        else routed_dense.cpu().double()
-    moe = routing.moe_output(expert_out.cpu(), weights, k) + (dense - routed_dense.cpu().double())
-    rel_err = ((moe - dense).pow(2).sum() / dense.pow(2).sum().clamp(min=1e-30)).item()
+    # the shared expert is computed exactly, so the block's error is the routed part's; relative to the whole FFN
+    dense = routed_dense + (act[:, shared] @ down[:, shared].T if shared is not None else 0)
+    error = (routing.moe_output(expert_out, weights.to(expert_out.device), k) - routed_dense).double().pow(2).sum()
+    rel_err = (error / dense.double().pow(2).sum().clamp(min=1e-30)).item()
 
     dtype, device = mlp.down_proj.weight.dtype, mlp.down_proj.weight.device
     block: Any = empty_block(config, dtype, device)
@@ -226,20 +226,18 @@ def _mlp_inputs(layer: nn.Module, adapter: Adapter, inputs: Any) -> torch.Tensor
     seen: list[torch.Tensor] = []
     handle = adapter.mlp(layer).register_forward_pre_hook(lambda _m, args: seen.append(args[0].reshape(-1, args[0].shape[-1])))
     try:
-        with torch.no_grad():
-            for h, kw in zip(inputs.hidden, inputs.kwargs):
-                layer(h, **kw)
+        forward_layer(layer, inputs)
     finally:
         handle.remove()
     return torch.cat(seen)
 
 
-def _zero_biases(layer: nn.Module, config: PretrainedConfig, prefix: str) -> dict[str, torch.Tensor]:
+def _zero_biases(layer: nn.Module, config: PretrainedConfig, prefix: str, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Qwen2-MoE always has q/k/v biases: zeros when the dense model had none."""
     if config.model_type != "qwen2_moe":
         return {}
     attn: Any = layer.self_attn
-    return {f"{prefix}self_attn.{p}.bias": torch.zeros(getattr(attn, p).out_features) for p in ("q_proj", "k_proj", "v_proj")
+    return {f"{prefix}self_attn.{p}.bias": torch.zeros(getattr(attn, p).out_features, dtype=dtype) for p in ("q_proj", "k_proj", "v_proj")
             if getattr(getattr(attn, p), "bias", None) is None}
 
 
@@ -250,9 +248,7 @@ def run(ctx: StageContext, cfg: MoefyConfig) -> StageResult:
     adapter = target.adapter
     lazy = ctx.lazy_model()
     n = len(lazy.layers)
-    done = done_layers(ctx.scratch_dir, n)
-    if done:
-        log.info("%s: %d of %d layers were converted by an earlier run", ctx.stage.label, len(done), n)
+    done = done_layers(ctx, n, "converted")
     layers: dict[str, Any] = {}
     with ctx.progress.track(f"{ctx.stage.label}: dense -> {cfg.experts} experts, top {cfg.top_k}", n) as task:
         for step in walk(lazy, ctx.calibration_inputs(lazy), device=ctx.device):
@@ -276,8 +272,8 @@ def run(ctx: StageContext, cfg: MoefyConfig) -> StageResult:
                 layer.mlp = block
                 notes["routing"] = stats.summary()
                 state = {prefix + k: v.to(ctx.dtype) for k, v in layer.state_dict().items()}
-                state.update(_zero_biases(layer, config, prefix))
-                save_layer(file, adapter.to_disk({k: v.to(ctx.dtype) for k, v in state.items()}), notes)
+                state.update(_zero_biases(layer, config, prefix, ctx.dtype))
+                save_layer(file, adapter.to_disk(state), notes)
                 crash_point("moefy.layer")
             layers[str(i)] = notes
             if i == n - 1:

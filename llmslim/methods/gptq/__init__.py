@@ -25,7 +25,7 @@ import torch
 from ...adapters import layer_of
 from ...faults import crash_point
 from ...formats.compressed import QuantScheme, quantization_config_groups
-from ...layerstore import layer_file, load_layer, save_layer, write_export
+from ...layerstore import done_layers, layer_file, load_layer, save_layer, write_export
 from ...layerwise import walk
 from ...plan import PlanError, PlanState, meta_model
 from ...registry import Method, register
@@ -156,12 +156,9 @@ def run(ctx: StageContext, cfg: QuantFields) -> StageResult:
     targets, _ = targets_by_layer(lazy.model, adapter, cfg.ignore)
     n = len(lazy.layers)
     ctx.scratch_dir.mkdir(parents=True, exist_ok=True)
-    done = [i for i in range(n) if layer_file(ctx.scratch_dir, i).is_file()]
+    done = done_layers(ctx, n, "quantized")
     resumed = len(done)
     first_todo = next((i for i in range(n) if i not in done), n)
-    if resumed:
-        log.info("%s: %d of %d layers were quantized by an earlier run; continuing at layer %d",
-                 ctx.stage.label, resumed, n, first_todo)
     notes_by_layer: list[dict[str, Any]] = []
 
     def quantize(layer: torch.nn.Module, i: int, inputs: Any) -> dict[str, Any]:
