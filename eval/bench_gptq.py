@@ -161,7 +161,9 @@ def run_ours(recipe: Path, output: Path, log: Path) -> dict[str, Any]:
 
 
 def run_anchor(model: Path, tokens: Path, token_hash: str, out: Path, bits: int, group_size: int, log: Path,
-               dense_out: Path | None = None, observer: str = "minmax") -> dict[str, Any]:
+               dense_out: Path | None = None, observer: str = "minmax", awq: bool = False) -> dict[str, Any]:
+    """llm-compressor's GPTQ (with `awq`: AWQ then GPTQ, one oneshot) in .venv-anchor on `tokens`. Layers whose
+    input width `group_size` does not divide stay unquantized (eval/anchor_llmcompressor.py, --non-divisible)."""
     for old in filter(None, (out, dense_out)):
         shutil.rmtree(old, ignore_errors=True)
     report = out.with_name(out.name + ".json")
@@ -169,7 +171,7 @@ def run_anchor(model: Path, tokens: Path, token_hash: str, out: Path, bits: int,
            "--json", str(report), "--bits", str(bits), "--group-size", str(group_size), "--symmetric",
            "--act-order" if GPTQ["act_order"] else "--no-act-order", "--dampening", str(GPTQ["dampening"]),
            "--block-size", str(GPTQ["block_size"]), "--observer", observer] + (
-               ["--dense-out", str(dense_out)] if dense_out else [])
+               ["--dense-out", str(dense_out)] if dense_out else []) + (["--awq"] if awq else [])
     result = run_child(cmd, log)
     anchor = json.loads(report.read_text())
     seen = anchor["calibration"]["tokens_sha256"]
@@ -177,7 +179,35 @@ def run_anchor(model: Path, tokens: Path, token_hash: str, out: Path, bits: int,
         sys.exit(f"bench_gptq: the anchor calibrated on other tokens than ours ({seen[:16]} != {token_hash[:16]})")
     return {"tool": "llm-compressor", **result, "quant_s": anchor["timings_s"]["oneshot"],
             "timings_s": anchor["timings_s"], "self_reported_peak_mib": anchor["memory_mib"]["ru_maxrss"],
-            "versions": anchor["versions"]}
+            "versions": anchor["versions"], "method": anchor.get("method", "gptq")}
+
+
+AUTOROUND_PY = REPO / ".venv-autoround" / "bin" / "python"  # scripts/setup_anchor.sh autoround
+AUTOROUND = REPO / "eval" / "anchor_autoround.py"
+
+
+def run_autoround(model: Path, tokens: Path, token_hash: str, out: Path, bits: int, group_size: int, log: Path,
+                  dense_out: Path | None = None, iters: int = 200, symmetric: bool = True,
+                  extra: list[str] | None = None) -> dict[str, Any]:
+    """auto-round (SignRound, `iters` steps per block) in .venv-autoround on `tokens`; same return shape as
+    run_anchor. `dense_out` gets the dequantized plain checkpoint that .venv loads. Layers whose input width
+    `group_size` does not divide stay unquantized, as in run_anchor; `extra`: more eval/anchor_autoround.py
+    flags (e.g. ["--non-divisible", "channel"])."""
+    for old in filter(None, (out, dense_out)):
+        shutil.rmtree(old, ignore_errors=True)
+    report = out.with_name(out.name + ".json")
+    cmd = [str(AUTOROUND_PY), str(AUTOROUND), "--model", str(model), "--tokens", str(tokens), "--out", str(out),
+           "--json", str(report), "--bits", str(bits), "--group-size", str(group_size),
+           "--symmetric" if symmetric else "--asymmetric", "--iters", str(iters)] + (
+               ["--dense-out", str(dense_out)] if dense_out else []) + list(extra or [])
+    result = run_child(cmd, log)
+    anchor = json.loads(report.read_text())
+    seen = anchor["calibration"]["tokens_sha256"]
+    if seen != token_hash:
+        sys.exit(f"bench_gptq: auto-round calibrated on other tokens than ours ({seen[:16]} != {token_hash[:16]})")
+    return {"tool": "auto-round", **result, "quant_s": anchor["timings_s"]["quantize"],
+            "timings_s": anchor["timings_s"], "self_reported_peak_mib": anchor["memory_mib"]["ru_maxrss"],
+            "versions": anchor["versions"], "method": anchor["method"]}
 
 
 # ---------------------------------------------------------------- quality

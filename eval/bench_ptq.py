@@ -1,44 +1,85 @@
-"""Post-training quantization beyond plain GPTQ, against llm-compressor on the same tokens (issue [10]).
+"""Post-training quantization beyond plain GPTQ, against llm-compressor and auto-round on the same tokens
+(issue [10]).
 
-    scripts/setup_anchor.sh                  # once: .venv-anchor with llmcompressor==0.14.0.1
-    .venv/bin/python eval/bench_ptq.py [--quick]
+    scripts/setup_anchor.sh all              # once: .venv-anchor (llm-compressor 0.14), .venv-autoround (0.16)
+    .venv/bin/python eval/bench_ptq.py [--quick] [--iters 50]
 
 stories260K, symmetric, calibrated on 128 x 512 tokens of the first half of
 ../shared/data/tinystories/dev.txt (the very tokens handed to the anchor, SHA-256 checked), perplexity on
 the second half (512-token windows), every model measured here in .venv the same way. Rows: W3 and W4
-per channel, W4 g32 (the 172-wide down_proj per channel: `per_channel_fallback`; the anchor keeps it
-unquantized there, which favours the anchor). Columns: ours rtn and gptq with the minmax and mse
-observers; llm-compressor 0.14 GPTQ with its default (minmax) and mse observers. act-order on for both
-GPTQs. Time (whole process, and the quantization stage) and peak RSS (GNU time) beside each.
+per channel, W4 g32 (32 does not divide the 172-wide down_proj: every tool keeps it unquantized there). Columns, ours: rtn and gptq with the minmax and mse
+observers, gptq mse with gptaq, awq then gptq mse, autoround (`--iters`, our default lr 1/iters);
+anchors: llm-compressor 0.14 GPTQ with its minmax and mse observers, its AWQ then GPTQ (mse), and
+auto-round 0.16 with its "light" preset (`--iters` 50, lr 5e-3; its default is 200 iterations, about 4x
+the time). act-order on for every GPTQ. Time (the quantization stages; the anchors' quantize call) and
+peak RSS of the whole process (GNU time) beside each.
 
-Today this covers the `observer` part of [10]; AWQ, AutoRound, GPTAQ and mixed precision add rows as
-they land. Prints a table and writes eval/results/bench_ptq.json. Exit 1 if the best of ours is worse
-than the best anchor in a row.
+Prints a table and writes eval/results/bench_ptq.json. Exit 1 if the best of ours is worse than the
+best anchor in a row.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
+import yaml
 from bench_gptq import (
     ANCHOR_PY,
+    AUTOROUND_PY,
     DEV,
     GPTQ,
+    OURS_CLI,
     REPO,
     STORIES,
     calibration_tokens,
     run_anchor,
-    run_ours,
+    run_autoround,
+    run_child,
     say,
-    write_recipe,
 )
 
 RESULTS = REPO / "eval" / "results" / "bench_ptq.json"
 ROWS = [(3, -1), (4, -1), (4, 32)]
+
+
+def our_columns(bits: int, group: int, iters: int) -> dict[str, list[dict[str, Any]]]:
+    """Column name -> the recipe's stages, for one grid."""
+    # W4 g32: the 172-wide down_proj stays unquantized, as both anchors keep it (the same Linears quantized)
+    grid = {"bits": bits, "group_size": group, "symmetric": True, **({"ignore": ["lm_head", "down_proj"]}
+                                                                      if group != -1 else {})}
+    gptq = {"method": "gptq", "data": "calib", **grid, **GPTQ}
+    return {
+        "rtn minmax": [{"method": "rtn", **grid}],
+        "rtn mse": [{"method": "rtn", **grid, "observer": "mse"}],
+        "gptq minmax": [gptq],
+        "gptq mse": [{**gptq, "observer": "mse"}],
+        "gptq mse gptaq": [{**gptq, "observer": "mse", "gptaq": True}],
+        "awq + gptq mse": [{"method": "awq", "data": "calib", **grid, "observer": "mse"}, {**gptq, "observer": "mse"}],
+        f"autoround {iters}": [{"method": "autoround", "data": "calib", **grid, "iters": iters}],
+    }
+
+
+def write_recipe(path: Path, output: Path, samples: int, stages: list[dict[str, Any]]) -> str:
+    recipe = {"model": str(STORIES), "output": str(output), "seed": 0,
+              "data": {"calib": {"path": str(DEV), "fraction": [0.0, 0.5], "samples": samples, "seq_len": 512}},
+              "stages": stages, "export": {"check": "transformers"}}
+    text = yaml.safe_dump(recipe, sort_keys=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+def run_ours(recipe: Path, output: Path, log: Path) -> dict[str, Any]:
+    for old in (output, output.with_name(output.name + ".work")):
+        shutil.rmtree(old, ignore_errors=True)
+    result = run_child([str(OURS_CLI), "run", str(recipe), "--quiet", "--fresh"], log)
+    stages = json.loads((output / "llmslim_report.json").read_text())["stages"]
+    return {"tool": "ours", **result, "quant_s": sum(s["seconds"] for s in stages)}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,13 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="16 calibration and 16 evaluation windows")
     p.add_argument("--work", type=Path, default=Path("/tmp/llmslim-bench-ptq"))
     p.add_argument("--no-anchor", action="store_true", help="ours only (no .venv-anchor here)")
+    p.add_argument("--iters", type=int, default=50, help="autoround steps per layer, ours and the anchor's")
     args = p.parse_args(argv)
     if not (STORIES.is_dir() and DEV.is_file()):
         print(f"skipped: {STORIES} or {DEV} not found (set LLMSLIM_SHARED)")
         return 0
     anchor = not args.no_anchor
-    if anchor and not ANCHOR_PY.exists():
-        print(f"{ANCHOR_PY} not found: run scripts/setup_anchor.sh first (or --no-anchor)")
+    missing = [str(p) for p in (ANCHOR_PY, AUTOROUND_PY) if not p.exists()]
+    if anchor and missing:
+        print(f"{missing[0]} not found: run scripts/setup_anchor.sh all first (or --no-anchor)")
         return 2
     samples, windows = (16, 16) if args.quick else (128, None)
 
@@ -76,47 +119,55 @@ def main(argv: list[str] | None = None) -> int:
     for bits, group in ROWS:
         row = f"W{bits} " + ("per channel" if group == -1 else f"g{group}")
         cells[row] = {}
+        calib = work / f"calib-{bits}-{group}.pt"
         token_hash = ""
-        for method in ("rtn", "gptq"):
-            for observer in ("minmax", "mse"):
-                name = f"ours-{method}-{observer}-w{bits}g{group}"
-                stage: dict[str, Any] = {"method": method, "bits": bits, "group_size": group, "symmetric": True,
-                                         "observer": observer, "per_channel_fallback": group != -1}
-                if method == "gptq":
-                    stage.update(data="calib", **GPTQ)
-                text = write_recipe(work / f"{name}.yaml", STORIES, work / name, samples, stage, check="transformers")
-                if method == "gptq" and not token_hash:
-                    token_hash = calibration_tokens(text, work / f"calib-{bits}-{group}.pt")
-                say(f"{row}: {method} {observer} (ours)")
-                run = run_ours(work / f"{name}.yaml", work / name, work / "logs" / f"{name}.log")
-                cells[row][f"ours {method} {observer}"] = {**run, "ppl": ppl(work / name)}
+        for column, stages in our_columns(bits, group, args.iters).items():
+            name = "ours-" + column.replace(" + ", "-").replace(" ", "-") + f"-w{bits}g{group}"
+            text = write_recipe(work / f"{name}.yaml", work / name, samples, stages)
+            if not token_hash and stages[0].get("data"):
+                token_hash = calibration_tokens(text, calib)
+            say(f"{row}: {column} (ours)")
+            run = run_ours(work / f"{name}.yaml", work / name, work / "logs" / f"{name}.log")
+            cells[row][f"ours {column}"] = {**run, "ppl": ppl(work / name)}
         if anchor:
-            for observer in ("minmax", "mse"):
-                name = f"anchor-gptq-{observer}-w{bits}g{group}"
-                say(f"{row}: gptq {observer} (llm-compressor)")
+            for observer, awq in (("minmax", False), ("mse", False), ("mse", True)):
+                label = f"llm-compressor {'awq + ' if awq else ''}gptq {observer}"
+                name = f"anchor-{'awq-' if awq else ''}gptq-{observer}-w{bits}g{group}"
+                say(f"{row}: {label}")
                 dense = work / f"{name}-dense"
-                run = run_anchor(STORIES, work / f"calib-{bits}-{group}.pt", token_hash, work / name, bits, group,
-                                 work / "logs" / f"{name}.log", dense_out=dense, observer=observer)
-                cells[row][f"llm-compressor gptq {observer}"] = {**run, "ppl": ppl(dense)}
+                run = run_anchor(STORIES, calib, token_hash, work / name, bits, group, work / "logs" / f"{name}.log",
+                                 dense_out=dense, observer=observer, awq=awq)
+                cells[row][label] = {**run, "ppl": ppl(dense)}
+            name = f"anchor-autoround-w{bits}g{group}"
+            say(f"{row}: auto-round light")
+            dense = work / f"{name}-dense"
+            run = run_autoround(STORIES, calib, token_hash, work / name, bits, group, work / "logs" / f"{name}.log",
+                                dense_out=dense, iters=args.iters, extra=["--lr", "5e-3", "--no-torch-compile"])
+            cells[row][f"auto-round {args.iters}"] = {**run, "ppl": ppl(dense)}
 
-    columns = list(next(iter(cells.values())))
+    grids = list(cells)
+    methods = list(next(iter(cells.values())))
     lines = [f"stories260K, perplexity on the second half of TinyStories dev.txt; original {original:.3f}. "
-             "Each cell: perplexity (quantization seconds, whole-process peak RSS MiB).", "",
-             "| grid | " + " | ".join(columns) + " |", "|---|" + "---:|" * len(columns)]
+             "Each cell: perplexity (quantization seconds, whole-process peak RSS MiB); bold: best in the column.", "",
+             "| method | " + " | ".join(grids) + " |", "|---|" + "---:|" * len(grids)]
+    best = {g: min(v["ppl"] for v in cells[g].values()) for g in grids}
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(
+            (f"**{cells[g][m]['ppl']:.3f}**" if cells[g][m]["ppl"] == best[g] else f"{cells[g][m]['ppl']:.3f}")
+            + f" ({cells[g][m]['quant_s']:.0f} s, {cells[g][m]['peak_rss_bytes'] / 2**20:.0f})" for g in grids) + " |")
     checks: dict[str, bool] = {}
-    for row, c in cells.items():
+    lines.append("")
+    for g, c in cells.items():
         ours = min(v["ppl"] for k, v in c.items() if k.startswith("ours"))
         theirs = [v["ppl"] for k, v in c.items() if not k.startswith("ours")]
-        best = min(v["ppl"] for v in c.values())
-        lines.append(f"| {row} | " + " | ".join(
-            (f"**{c[k]['ppl']:.3f}**" if c[k]["ppl"] == best else f"{c[k]['ppl']:.3f}")
-            + f" ({c[k]['quant_s']:.0f} s, {c[k]['peak_rss_bytes'] / 2**20:.0f})" for k in columns) + " |")
         if theirs:
-            checks[f"{row}: the best of ours beats the best anchor"] = ours < min(theirs)
+            checks[f"{g}: the best of ours ({ours:.3f}) beats the best anchor ({min(theirs):.3f})"] = ours < min(theirs)
         gptq = c["ours gptq minmax"]["ppl"]
         if gptq > original:
-            lines.append(f"|  | share of GPTQ's increase removed by mse: "
-                         f"{100 * (gptq - c['ours gptq mse']['ppl']) / (gptq - original):.1f} % |")
+            removed = 100 * (gptq - ours) / (gptq - original)
+            lines.append(f"- {g}: the best of ours removes {removed:.1f} % of plain GPTQ's perplexity increase")
+            if g == "W3 per channel":
+                checks[f"{g}: the best of ours removes at least a third of plain GPTQ's increase"] = removed >= 100 / 3
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()]
     print("\n".join(lines))
     RESULTS.parent.mkdir(parents=True, exist_ok=True)

@@ -162,6 +162,13 @@ def vllm_cpu_run(kind: ExportKind, f: CpuFeatures, checkpoint_dtype: str = "bflo
     return VllmRun(sixteen, True, False, "vLLM's weight-only CPU kernel takes bf16/fp16 activations only")
 
 
+def vllm_weight_only_bits(gpu: bool) -> tuple[int, ...]:
+    """Weight-only (W{n}A16) bit widths vllm 0.32 loads. GPUs: 4 and 8 (Marlin, Machete, ...). CPUs: 4 only:
+    its CPUWNA16 scheme takes uint4/uint4b8 and refuses an 8-bit weight-only Linear at load, on every CPU
+    family ("Quant type (uint8b128) not supported by CPUWNA16", seen in tests/test_ptq.py's vLLM test)."""
+    return (4, 8) if gpu else (4,)
+
+
 def vllm_gpu_run(kind: ExportKind, checkpoint_dtype: str = "bfloat16") -> VllmRun:
     """On a GPU: the weight-only kernels (Marlin, Machete) and the int8 scaled-mm kernels (CUTLASS) write
     16-bit outputs only; dense models run in float32."""

@@ -31,8 +31,8 @@ class WeightFormat(Protocol):
 
     def model_bytes(self, model: torch.nn.Module, dtype: torch.dtype) -> int: ...
 
-    def vllm_limitation(self) -> str | None:
-        """Why no vLLM build can serve this format (None: some can)."""
+    def vllm_limitation(self, gpu: bool) -> str | None:
+        """Why vLLM cannot serve this format on this kind of machine (None: it can)."""
         ...
 
 
@@ -45,6 +45,7 @@ class PlanState:
     dtype: torch.dtype
     quant: WeightFormat | None = None
     source_dir: Path | None = None  # the recipe's model directory (e.g. to compare a teacher's tokenizer)
+    awq_grid: tuple[int, int, bool] | None = None  # (bits, group_size, symmetric) an awq stage searched for
 
     def with_config(self, config: PretrainedConfig) -> PlanState:
         """This state with a new config (and the adapter of its architecture, which a stage may change)."""
@@ -120,7 +121,7 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
             quantized_at = stage.index
         states.append(state)
         rows.append(PlanRow(f"{stage.index}: {stage.method}", state.shape, *state.size()))
-    limitation = state.quant.vllm_limitation() if state.quant is not None else None
+    limitation = state.quant.vllm_limitation(torch.cuda.is_available()) if state.quant is not None else None
     if not problems and limitation and recipe.spec.export.check == "vllm":
         problems.append(f"{recipe.where(('export', 'check'))}: export.check: vllm: {limitation}")
     if problems:

@@ -17,6 +17,7 @@ import copy
 import logging
 import re
 import time
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
 
@@ -26,7 +27,7 @@ from ...adapters import layer_of
 from ...faults import crash_point
 from ...formats.compressed import QuantScheme, quantization_config_groups
 from ...layerstore import done_layers, layer_file, load_layer, save_layer, write_export
-from ...layerwise import walk
+from ...layerwise import LayerInputs, run_layer, walk
 from ...plan import PlanError, PlanState, meta_model
 from ...registry import Method, register
 from ...stage import StageContext, StageResult
@@ -41,6 +42,7 @@ from .config import (
     layer_targets,
     matches,
     resolve_ignore,
+    target_names,
 )
 from .layer import collect_hessians, quantize_layer, restore_layer, scheme_for
 
@@ -60,6 +62,11 @@ def targets_by_layer(model: Any, adapter: Any, ignore: list[str]) -> tuple[list[
 
 def plan(state: PlanState, cfg: QuantFields) -> PlanState:
     fmt = QuantFormat.of(cfg)
+    if state.awq_grid is not None and state.awq_grid != (cfg.bits, cfg.group_size, cfg.symmetric):
+        b, g, sym = state.awq_grid
+        raise PlanError("bits", f"the awq stage before searched its scales for bits {b}, group_size {g}, symmetric "
+                                f"{str(sym).lower()}; this stage quantizes to bits {cfg.bits}, group_size "
+                                f"{cfg.group_size}, symmetric {str(cfg.symmetric).lower()}: give both the same grid")
     model = meta_model(state.config, state.dtype)
     adapter = state.adapter
     try:
@@ -71,20 +78,23 @@ def plan(state: PlanState, cfg: QuantFields) -> PlanState:
         raise PlanError("ignore", f"{unused[0]!r} matches no Linear of the model; names look like "
                                   "model.layers.0.self_attn.q_proj or model.layers.0.mlp.down_proj (a suffix such "
                                   "as down_proj also works, or re:REGEX)")
+    _check_groups(fmt, adapter, targets)
     widths: dict[int, list[str]] = {}
     for i, layer in enumerate(adapter.layers(model)):
         for t in targets[i]:
+            tf = fmt.for_target(adapter, f"model.layers.{i}.", t)
             if t.experts:
                 experts: Any = layer.get_submodule(t.names[0])
                 n_in = {experts.gate_up_proj.shape[2]: "experts.gate_up", experts.down_proj.shape[2]: "experts.down"}
             else:
                 n_in = {layer.get_submodule(n).in_features: n for n in t.names}
             for width, name in n_in.items():
-                if fmt.group_for(width) is None:
+                if tf.group_for(width) is None:
                     widths.setdefault(width, []).append(name.rsplit(".", 1)[-1])
+                    group_size = tf.group_size
     if widths:
         width, names = next(iter(widths.items()))
-        raise PlanError("group_size", f"group_size {cfg.group_size} does not divide the input width {width} of "
+        raise PlanError("group_size", f"group_size {group_size} does not divide the input width {width} of "
                                       f"{', '.join(sorted(set(names)))}; use a group_size that divides it, -1 (per "
                                       "channel), or per_channel_fallback: true to quantize those Linears per channel")
     if cfg.activation_bits == 8 and any(t.experts for ts in targets for t in ts):
@@ -102,7 +112,36 @@ def plan(state: PlanState, cfg: QuantFields) -> PlanState:
                                      "'re:.*experts.*' to ignore to keep the experts unquantized")
     if not any(targets):
         raise PlanError("ignore", "ignore leaves no Linear to quantize")
-    return replace(state, quant=fmt)
+    if getattr(cfg, "gptaq", False) and adapter.is_moe:
+        raise PlanError("gptaq", f"{state.config.model_type}: gptaq calibrates dense Linears on paired full-precision "
+                                 "and quantized inputs; MoE routes the two streams to different experts: use gptaq: "
+                                 "false")
+    return replace(state, quant=fmt, awq_grid=None)
+
+
+def _check_groups(fmt: QuantFormat, adapter: Any, targets: list[list[Target]]) -> None:
+    """Mixed precision: every group pattern matches some Linear, and Linears vLLM fuses share a group."""
+    if not fmt.groups:
+        return
+    used: set[int] = set()
+    for i, ts in enumerate(targets):
+        prefix = f"model.layers.{i}."
+        for t in ts:
+            if t.experts:
+                module, *parts = target_names(adapter, prefix, t)[0]
+                members = [[module, p] for p in parts]
+            else:
+                members = target_names(adapter, prefix, t)
+            found = [fmt.matching(m) for m in members]
+            if len(set(found)) > 1:
+                raise PlanError("groups", f"groups put {', '.join(m[-1].rsplit('.', 1)[-1] for m in members)} of layer {i} in different "
+                                          "precisions; vLLM runs them as one matrix: give them the same group")
+            used.update(g for g in found if g is not None)
+    for g, (patterns, _, _) in enumerate(fmt.groups):
+        if g not in used:
+            raise PlanError("groups", f"groups[{g}]: {list(patterns)} matches no quantized Linear (or an earlier group "
+                                      "takes all it matches); names look like model.layers.0.mlp.down_proj (a suffix "
+                                      "such as down_proj also works, or re:REGEX)")
 
 
 # ---------------------------------------------------------------- the stage
@@ -118,16 +157,17 @@ def config_block(ctx: StageContext, fmt: QuantFormat, act_order: bool, model: An
     for i, layer in enumerate(adapter.layers(model)):
         prefix = f"model.layers.{i}."
         for t in targets[i]:
+            tf = fmt.for_target(adapter, prefix, t)
             if t.experts:
                 experts: Any = layer.get_submodule(t.names[0])
                 h, width = experts.gate_up_proj.shape[2], experts.down_proj.shape[2]
                 for gate, up, down in expert_names(adapter, prefix, experts.gate_up_proj.shape[0]):
-                    schemes.setdefault(scheme_for(fmt, h, act_order), set()).update((gate, up))
-                    schemes.setdefault(scheme_for(fmt, width, act_order), set()).add(down)
+                    schemes.setdefault(scheme_for(tf, h, act_order), set()).update((gate, up))
+                    schemes.setdefault(scheme_for(tf, width, act_order), set()).add(down)
                 continue
             for n in t.names:
                 name, lin = disk_name(adapter, prefix, n), layer.get_submodule(n)
-                schemes.setdefault(scheme_for(fmt, int(lin.in_features), act_order), set()).add(name)  # type: ignore[arg-type]
+                schemes.setdefault(scheme_for(tf, int(lin.in_features), act_order), set()).add(name)  # type: ignore[arg-type]
                 quantized.add(name)
     ignore = ["lm_head"]
     for name, module in model.named_modules():  # unquantized Linears, by their checkpoint names
@@ -139,17 +179,30 @@ def config_block(ctx: StageContext, fmt: QuantFormat, act_order: bool, model: An
     if len(schemes) == 1:
         return quantization_config_groups([(next(iter(schemes)), ("Linear",))], ignore=ignore)
 
-    def pattern(name: str) -> str:  # layer and expert numbers generalised, anchored: groups never overlap
+    def general(name: str) -> str:  # layer and expert numbers generalised, anchored
         return "re:^" + re.sub(r"\\\.(layers|experts)\\\.\d+\\\.", r"\\.\1\\.\\d+\\.", re.escape(name)) + "$"
+
+    # A generalised pattern that two schemes would share (mixed precision by layer) stays exact instead:
+    # groups never overlap.
+    owners: dict[str, set[QuantScheme]] = {}
+    for s, names in schemes.items():
+        for n in names:
+            owners.setdefault(general(n), set()).add(s)
+
+    def pattern(name: str) -> str:
+        g = general(name)
+        return g if len(owners[g]) == 1 else "re:^" + re.escape(name) + "$"
 
     return quantization_config_groups(
         [(s, tuple(sorted({pattern(n) for n in names}))) for s, names in schemes.items()], ignore=ignore)
 
 
-def run(ctx: StageContext, cfg: QuantFields) -> StageResult:
+def run(ctx: StageContext, cfg: QuantFields, learn: Callable[..., Any] | None = None) -> StageResult:
+    """gptq and rtn; with `learn` (autoround), each layer's quantized weights come from that function,
+    trained towards the full-precision model's outputs of the layer."""
     fmt = ctx.after.quant
     assert isinstance(fmt, QuantFormat)
-    calibrate = isinstance(cfg, GptqConfig)
+    calibrate = isinstance(cfg, GptqConfig) or learn is not None
     act_order = bool(getattr(cfg, "act_order", False))
     adapter = ctx.source.adapter
     lazy = ctx.lazy_model()
@@ -161,27 +214,42 @@ def run(ctx: StageContext, cfg: QuantFields) -> StageResult:
     first_todo = next((i for i in range(n) if i not in done), n)
     notes_by_layer: list[dict[str, Any]] = []
 
+    asymmetric = bool(getattr(cfg, "gptaq", False)) or learn is not None
+    reference: list[Any] = []  # gptaq: the full-precision model's inputs to the current layer
+
     def quantize(layer: torch.nn.Module, i: int, inputs: Any) -> dict[str, Any]:
         started = time.perf_counter()
-        hessians = None
-        if calibrate:
+        hessians, solved, learned = None, None, {}
+        if learn is not None:
+            outputs = run_layer(layer, LayerInputs(reference[0], inputs.kwargs))  # the full-precision layer's
+            solved, learned = learn(layer, i, adapter, targets[i], inputs, outputs, cfg, fmt, ctx.dtype, ctx.seed)
+            reference[0] = outputs
+        elif calibrate:
             assert isinstance(cfg, GptqConfig)
-            hessians = collect_hessians(layer, targets[i], inputs, ctx.device, cfg.expert_min_tokens)
-        result = quantize_layer(layer, i, adapter, targets[i], cfg, fmt, hessians, ctx.dtype)
-        notes = {**result.notes, "seconds": round(time.perf_counter() - started, 3)}
+            ref = LayerInputs(reference[0], inputs.kwargs) if asymmetric else None
+            hessians = collect_hessians(layer, targets[i], inputs, ctx.device, cfg.expert_min_tokens, ref)
+            if asymmetric:
+                reference[0] = hessians.reference_outputs
+        result = quantize_layer(layer, i, adapter, targets[i], cfg, fmt, hessians, ctx.dtype, solved)
+        notes = {**result.notes, **learned, "seconds": round(time.perf_counter() - started, 3)}
         save_layer(layer_file(ctx.scratch_dir, i), result.tensors, notes)
         crash_point("gptq.layer")
         return notes
 
-    label = f"{ctx.stage.label}: {'GPTQ' if calibrate else 'RTN'} W{fmt.bits}" + (
-        "A8" if fmt.activation_bits else f" g{fmt.group_size}")
+    kind = "AutoRound" if learn is not None else "GPTQ" if calibrate else "RTN"
+    label = f"{ctx.stage.label}: {kind} W{fmt.bits}" + (
+        "A8" if fmt.activation_bits else f" g{fmt.group_size}") + (" mixed" if fmt.groups else "")
     with ctx.progress.track(label, n) as task:
         if calibrate and first_todo < n:
             # layer-sequential: each layer sees what the quantized layers before it produce. Layers an
             # earlier run finished are restored from their files and only re-run for their outputs.
             for step in walk(lazy, ctx.calibration_inputs(lazy), device=ctx.device):
                 i = step.index
+                if asymmetric and i == 0:
+                    reference.append(step.inputs.hidden)  # layer 0: both models see the embeddings
                 if i < first_todo:
+                    if asymmetric:  # the restored layer's full-precision outputs: run it before restoring
+                        reference[0] = run_layer(step.layer, LayerInputs(reference[0], step.inputs.kwargs))
                     tensors, notes = load_layer(layer_file(ctx.scratch_dir, i))
                     restore_layer(step.layer, i, adapter, targets[i], fmt, act_order, tensors)
                     del tensors
@@ -203,15 +271,20 @@ def run(ctx: StageContext, cfg: QuantFields) -> StageResult:
     config.dtype = ctx.dtype
     config.quantization_config = config_block(ctx, fmt, act_order, lazy.model, targets)
     write_export(ctx, config, n)
-    return StageResult(config, _notes(fmt, cfg, notes_by_layer, resumed))
+    notes = _notes(fmt, cfg, notes_by_layer, resumed)
+    if learn is not None:
+        notes["layers_learned_kept"] = sum(bool(d.get("learned_kept")) for d in notes_by_layer)
+    return StageResult(config, notes)
 
 
 def _notes(fmt: QuantFormat, cfg: QuantFields, layers: list[dict[str, Any]], resumed: int) -> dict[str, Any]:
     notes: dict[str, Any] = {
         "scheme": f"W{fmt.bits}A{fmt.activation_bits or 16}", "group_size": fmt.group_size,
         "symmetric": fmt.symmetric, "ignore": list(cfg.ignore)}
+    if cfg.groups:
+        notes["groups"] = [g.model_dump() for g in cfg.groups]
     if isinstance(cfg, GptqConfig):
-        notes.update(act_order=cfg.act_order, dampening=cfg.dampening,
+        notes.update(act_order=cfg.act_order, dampening=cfg.dampening, gptaq=cfg.gptaq,
                      gptq_loss_total=float(f"{sum(sum(d.get('loss', {}).values()) for d in layers):.6g}"))
         starved = {str(d["layer"]): d["experts_calibrated_on_all_tokens"] for d in layers
                    if d.get("experts_calibrated_on_all_tokens")}

@@ -11,19 +11,31 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
 from pydantic import Field, model_validator
 
 from ...adapters import Adapter
+from ...cpu import vllm_weight_only_bits
 from ...registry import MethodConfig
 
 # Linears that share their input: one Hessian serves the whole group (names relative to a decoder layer).
 ATTENTION_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
 MLP_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))
 VLLM_BITS = (4, 8)  # vLLM's WNA16 kernels take 4 and 8 bits; its int8 W8A8 path takes 8
+
+
+class QuantGroup(MethodConfig):
+    """Mixed precision: Linears matching `targets` take this group's bits and group_size."""
+
+    targets: list[str] = Field(min_length=1)
+    """Name patterns as in `ignore`: a suffix (`down_proj`, `model.layers.0.mlp.down_proj`) or `re:REGEX`."""
+    bits: Literal[2, 3, 4, 8]
+    """Weight bits of the matching Linears."""
+    group_size: Literal[-1, 32, 64, 128] | None = None
+    """Their group size; default: the stage's."""
 
 
 class QuantFields(MethodConfig):
@@ -49,6 +61,10 @@ class QuantFields(MethodConfig):
     per_channel_fallback: bool = False
     """Quantize per output channel the Linears whose input width `group_size` does not divide (instead of
     refusing the recipe), e.g. a 172-wide down_proj with group_size 128."""
+    groups: list[QuantGroup] = []
+    """Mixed precision: `[{targets: [down_proj], bits: 8}, ...]`; the first group whose pattern matches a
+    Linear sets its bits (and group_size); the others take the stage's. Exported as one compressed-tensors
+    config group per scheme. Linears vLLM fuses (q/k/v, gate/up) must land in the same group."""
 
     @model_validator(mode="after")
     def _grid(self) -> QuantFields:
@@ -56,12 +72,17 @@ class QuantFields(MethodConfig):
             raise ValueError("activation_bits 8 (W8A8) needs bits: 8, symmetric: true and group_size: -1, the "
                              f"scheme vLLM's int8 kernels run; found bits {self.bits}, symmetric {self.symmetric}, "
                              f"group_size {self.group_size}")
-        for i, pattern in enumerate(self.ignore):
+        if self.activation_bits == 8 and self.groups:
+            raise ValueError("groups (mixed precision) are weight-only: W8A8 takes one scheme for every Linear")
+        patterns = [(f"ignore[{i}]", p) for i, p in enumerate(self.ignore)]
+        patterns += [(f"groups[{g}].targets[{i}]", p) for g, grp in enumerate(self.groups)
+                     for i, p in enumerate(grp.targets)]
+        for where, pattern in patterns:
             if pattern.startswith("re:"):
                 try:
                     re.compile(pattern[3:])
                 except re.error as e:
-                    raise ValueError(f"ignore[{i}]: {pattern!r} is not a valid regex ({e})") from None
+                    raise ValueError(f"{where}: {pattern!r} is not a valid regex ({e})") from None
         return self
 
 
@@ -80,6 +101,10 @@ class GptqConfig(QuantFields):
     block_size: int = Field(default=128, gt=0)
     """Columns per lazy-update block: changes speed, not the algorithm (floating-point sums are reordered:
     the integers came out identical for block sizes 1 to 1000 in the tests, scales within float rounding)."""
+    gptaq: bool = False
+    """Asymmetric calibration (GPTAQ, Li et al. 2025): fit each Linear's quantized weight to what the
+    full-precision model computes on its own inputs, compensating the error of the quantized layers before
+    it too (dense models; one more pass of each layer and a second copy of the calibration activations)."""
     expert_min_tokens: int = Field(default=64, ge=0)
     """MoE: an expert that the router sends fewer calibration tokens than this is calibrated on every
     token of the batch instead (all-experts calibration), so that no expert is quantized blind."""
@@ -135,6 +160,14 @@ def expert_names(adapter: Adapter, layer_prefix: str, n_experts: int) -> list[tu
     return [tuple(f"{base}.{e}.{p}" for p in moe.disk_proj) for e in range(n_experts)]  # type: ignore[misc]
 
 
+def target_names(adapter: Adapter, prefix: str, t: Target) -> list[list[str]]:
+    """Per member of target `t`, the names a pattern may match: its memory and checkpoint names (for an
+    experts module: the module and the first expert's gate/up/down)."""
+    if t.experts:
+        return [[f"{prefix}{t.names[0]}", *expert_names(adapter, prefix, 1)[0]]]
+    return [[f"{prefix}{n}", disk_name(adapter, prefix, n)] for n in t.names]
+
+
 def resolve_ignore(targets: list[Target], adapter: Adapter, prefix: str, patterns: list[str]
                    ) -> tuple[list[Target], set[str]]:
     """(the targets left to quantize, the patterns that matched something). A pattern matches a Linear by
@@ -180,11 +213,37 @@ class QuantFormat:
     activation_bits: int | None
     ignore: tuple[str, ...]
     per_channel_fallback: bool
+    groups: tuple[tuple[tuple[str, ...], int, int], ...] = ()  # mixed precision: (patterns, bits, group_size)
 
     @classmethod
     def of(cls, cfg: QuantFields) -> QuantFormat:
+        groups = tuple((tuple(g.targets), g.bits, g.group_size if g.group_size is not None else cfg.group_size)
+                       for g in cfg.groups)
         return cls(cfg.bits, cfg.group_size, cfg.symmetric, cfg.activation_bits, tuple(cfg.ignore),
-                   cfg.per_channel_fallback)
+                   cfg.per_channel_fallback, groups)
+
+    def matching(self, names: list[str]) -> int | None:
+        """The index of the first mixed-precision group with a pattern matching one of `names`."""
+        return next((g for g, (patterns, _, _) in enumerate(self.groups)
+                     if any(matches(n, p) for p in patterns for n in names)), None)
+
+    def for_names(self, names: list[str]) -> QuantFormat:
+        """The format of a Linear known by `names` (memory and checkpoint names): the stage's, or its group's."""
+        g = self.matching(names)
+        if g is None:
+            return replace(self, groups=()) if self.groups else self
+        _, bits, group_size = self.groups[g]
+        return replace(self, bits=bits, group_size=group_size, groups=())
+
+    def for_target(self, adapter: Adapter, prefix: str, t: Target) -> QuantFormat:
+        """The format of target `t` of the layer at `prefix` (a fused group takes one format: the plan checks
+        that its members agree)."""
+        if not self.groups:
+            return self
+        return self.for_names(target_names(adapter, prefix, t)[0])
+
+    def all_bits(self) -> set[int]:
+        return {self.bits, *(b for _, b, _ in self.groups)}
 
     def group_for(self, in_features: int) -> int | None:
         """The group size used for a Linear with this input width (-1 per channel), None if it does not fit."""
@@ -214,20 +273,29 @@ class QuantFormat:
             prefix = f"model.layers.{i}."
             targets, _ = resolve_ignore(layer_targets(adapter, layer), adapter, prefix, list(self.ignore))
             for t in targets:
+                fmt = self.for_target(adapter, prefix, t)
                 if t.experts:
                     experts: Any = layer.get_submodule(t.names[0])
                     n, two_i, h = experts.gate_up_proj.shape
                     total -= (experts.gate_up_proj.numel() + experts.down_proj.numel()) * element
-                    total += n * (2 * self.linear_bytes(two_i // 2, h, dtype) + self.linear_bytes(h, two_i // 2, dtype))
+                    total += n * (2 * fmt.linear_bytes(two_i // 2, h, dtype) + fmt.linear_bytes(h, two_i // 2, dtype))
                     continue
                 for name in t.names:
                     lin: Any = layer.get_submodule(name)
-                    total += self.linear_bytes(lin.out_features, lin.in_features, dtype) - lin.weight.numel() * element
+                    total += fmt.linear_bytes(lin.out_features, lin.in_features, dtype) - lin.weight.numel() * element
         return total
 
-    def vllm_limitation(self) -> str | None:
-        """Why vLLM cannot serve this format at all (None when it can, somewhere)."""
-        if self.bits not in VLLM_BITS:
-            return (f"vLLM's compressed-tensors kernels take 4 or 8 weight bits, not {self.bits}: the export loads "
+    def vllm_limitation(self, gpu: bool) -> str | None:
+        """Why vLLM cannot serve this format on a machine with (`gpu`) or without a GPU (None when it can)."""
+        bad = sorted(self.all_bits() - set(VLLM_BITS))
+        if bad:
+            where = "" if self.bits == bad[0] else " (in groups)"
+            return (f"vLLM's compressed-tensors kernels take 4 or 8 weight bits, not {bad[0]}{where}: the export loads "
                     "in transformers only; use export.check: transformers")
+        bits = self.all_bits() - ({8} if self.activation_bits == 8 else set())
+        cpu_bad = sorted(bits - set(vllm_weight_only_bits(gpu)))
+        if cpu_bad:
+            where = "" if self.bits == cpu_bad[0] else " (in groups)"
+            return (f"vLLM's CPU build loads 4-bit weight-only Linears only, not {cpu_bad[0]}-bit{where} (it serves those "
+                    "on GPUs): on this machine use export.check: transformers, 4 bits, or W8A8 (activation_bits: 8)")
         return None

@@ -32,8 +32,10 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "CrossAccumulator",
     "HessianAccumulator",
     "QuantResult",
+    "asymmetric_target",
     "dequantize",
     "dequantize_groups",
     "gptq_quantize",
@@ -334,6 +336,45 @@ def gptq_quantize(W: Tensor, H: Tensor, *, bits: int, group_size: int, symmetric
     loss = float(((dW @ H_in) * dW).sum())
     return QuantResult(q=q, scale=scale, zero=zero8, g_idx=g_idx, weight=weight, loss=loss,
                        damp_used=float(damp_used))
+
+
+def asymmetric_target(W: Tensor, H: Tensor, C: Tensor, dampening: float = 0.01) -> Tensor:
+    """GPTAQ-style asymmetric calibration (Li et al. 2025): the weight W* [out, in] that, applied to the
+    quantized model's inputs x~, best reproduces what W computes on the full-precision model's inputs x:
+    argmin_V sum_t ||V x~_t - W x_t||^2 = W + W C H^-1, with H = 2/n sum x~ x~^T (the GPTQ Hessian) and
+    C = 2/n sum (x - x~) x~^T (`CrossAccumulator`). Since sum ||V x~ - W x||^2 = (V - W*) H (V - W*)^T + const,
+    GPTQ run on (W*, H) minimises the asymmetric objective: the error of the layers before is compensated
+    here too, not only this layer's rounding. H is dampened as GPTQ dampens it (a ridge pull towards W);
+    dead inputs (diag H == 0) have no x~ and C's column is 0 there."""
+    cd = _work_dtype(W)
+    Hd = H.to(cd).clone()
+    dead = Hd.diagonal() == 0
+    Hd.diagonal()[dead] = 1.0
+    mean_diag = Hd.diagonal().mean()
+    Hd.diagonal().add_(dampening * mean_diag)
+    L = torch.linalg.cholesky(Hd)
+    # W C H^-1 = (H^-1 C^T W^T)^T, H symmetric
+    return (W.to(cd) + torch.cholesky_solve((W.to(cd) @ C.to(cd)).T, L).T).to(W.dtype)
+
+
+class CrossAccumulator:
+    """Running C = 2/n sum_t (x_t - x~_t) x~_t^T over n pairs of the same token's input to a Linear in the
+    full-precision model (x) and in the quantized model (x~): the cross term of `asymmetric_target`."""
+
+    def __init__(self, in_features: int, device: torch.device | str | None = None) -> None:
+        self.in_features = in_features
+        self.n_tokens = 0
+        self.C = torch.zeros(in_features, in_features, dtype=torch.float32, device=device)
+
+    @torch.no_grad()
+    def add(self, x: Tensor, x_quantized: Tensor) -> None:
+        x = x.reshape(-1, self.in_features).float()
+        xq = x_quantized.reshape(-1, self.in_features).float()
+        m = x.shape[0]
+        total = self.n_tokens + m
+        self.C.mul_(self.n_tokens / total)
+        self.C.addmm_((x - xq).T, xq, alpha=2.0 / total)
+        self.n_tokens = total
 
 
 class HessianAccumulator:

@@ -23,9 +23,17 @@ from torch import Tensor, nn
 
 from ...adapters import Adapter
 from ...formats.compressed import QuantScheme, compress_linear, decompress_linear
-from ...layerwise import LayerInputs
+from ...layerwise import LayerInputs, layer_output
 from .config import GptqConfig, QuantFields, QuantFormat, Target, disk_name, expert_names
-from .core import HessianAccumulator, QuantResult, dequantize_groups, gptq_quantize, rtn_quantize
+from .core import (
+    CrossAccumulator,
+    HessianAccumulator,
+    QuantResult,
+    asymmetric_target,
+    dequantize_groups,
+    gptq_quantize,
+    rtn_quantize,
+)
 
 
 def scheme_for(fmt: QuantFormat, in_features: int, act_order: bool) -> QuantScheme:
@@ -58,18 +66,32 @@ class ExpertStats:
 class LayerHessians:
     """Forward pre-hooks on one decoder layer accumulating the Hessian of each target's input."""
 
-    def __init__(self, layer: nn.Module, targets: list[Target], device: torch.device):
+    def __init__(self, layer: nn.Module, targets: list[Target], device: torch.device, asymmetric: bool = False):
         self.layer, self.device = layer, device
         self.linear: dict[tuple[str, ...], HessianAccumulator] = {}
+        self.cross: dict[tuple[str, ...], CrossAccumulator] = {}  # gptaq: C of each group
+        self.reference: dict[tuple[str, ...], Tensor] = {}  # gptaq: this batch's full-precision inputs
         self.experts: ExpertStats | None = None
+        self.reference_outputs: list[Tensor] = []
+        self.recording = True
         self._handles: list[Any] = []
         for t in targets:
             if t.experts:
                 self._hook_experts(layer.get_submodule(t.names[0]))
                 continue
             first: Any = layer.get_submodule(t.names[0])  # the group shares this input
-            acc = self.linear[t.names] = HessianAccumulator(first.in_features, device=device)
-            self._handles.append(first.register_forward_pre_hook(lambda _m, args, acc=acc: acc.add(args[0])))
+            self.linear[t.names] = HessianAccumulator(first.in_features, device=device)
+            if asymmetric:
+                self.cross[t.names] = CrossAccumulator(first.in_features, device=device)
+            self._handles.append(first.register_forward_pre_hook(
+                lambda _m, args, names=t.names: self._add(names, args[0])))
+
+    def _add(self, names: tuple[str, ...], x: Tensor) -> None:
+        if not self.recording:  # the full-precision pass of gptaq
+            return
+        if names in self.cross:
+            self.cross[names].add(self.reference.pop(names), x)
+        self.linear[names].add(x)
 
     def _hook_experts(self, experts: Any) -> None:
         n, two_i, h = experts.gate_up_proj.shape
@@ -102,7 +124,7 @@ class _LastInputSeen(Exception):
     """Raised by a pre-hook on a dense layer's mlp.down_proj: nothing after it feeds a Hessian."""
 
 
-def _stop_after(layer: nn.Module, targets: list[Target]) -> Any:
+def _stop_after(layer: nn.Module, targets: list[Target], hs: LayerHessians) -> Any:
     """In a dense layer, mlp.down_proj is the last Linear and only a residual add follows: once its input
     is in the Hessian the rest of the calibration forward (a fifth of its work) is skipped. Registered
     after the Hessian hooks, so it runs after them."""
@@ -110,20 +132,44 @@ def _stop_after(layer: nn.Module, targets: list[Target]) -> Any:
         return None
 
     def hook(_m: Any, _args: tuple) -> None:
-        raise _LastInputSeen
+        if hs.recording:
+            raise _LastInputSeen
 
     return layer.get_submodule("mlp.down_proj").register_forward_pre_hook(hook)
 
 
+def _reference_inputs(layer: nn.Module, targets: list[Target], hidden: Tensor, kwargs: dict
+                      ) -> tuple[dict[tuple[str, ...], Tensor], Tensor]:
+    """One batch of the full-precision stream through the (still unquantized) layer: each target group's
+    input, and the layer's output (the next layer's full-precision input)."""
+    seen: dict[tuple[str, ...], Tensor] = {}
+    handles = [layer.get_submodule(t.names[0]).register_forward_pre_hook(
+        lambda _m, args, names=t.names: seen.__setitem__(names, args[0].detach())) for t in targets]
+    try:
+        out = layer_output(layer(hidden, **kwargs))
+    finally:
+        for h in handles:
+            h.remove()
+    return seen, out
+
+
 @torch.no_grad()
 def collect_hessians(layer: nn.Module, targets: list[Target], inputs: LayerInputs, device: torch.device,
-                     min_expert_tokens: int) -> LayerHessians:
+                     min_expert_tokens: int, reference: LayerInputs | None = None) -> LayerHessians:
     """Run the layer on every calibration batch with hooks; then a second pass, only if some expert got
-    fewer than `min_expert_tokens`, for those experts' down_proj Hessians over every token."""
-    hs = LayerHessians(layer, targets, device)
-    stop = _stop_after(layer, targets)
+    fewer than `min_expert_tokens`, for those experts' down_proj Hessians over every token.
+    `reference` (gptaq, dense layers): the same batches as the full-precision model feeds them to this
+    layer; each group's C is accumulated from the token-by-token pairs, and the layer's full-precision
+    outputs are kept in `reference_outputs` (the next layer's reference)."""
+    hs = LayerHessians(layer, targets, device, asymmetric=reference is not None)
+    stop = _stop_after(layer, targets, hs)
     try:
-        for h, kw in zip(inputs.hidden, inputs.kwargs):
+        for b, (h, kw) in enumerate(zip(inputs.hidden, inputs.kwargs)):
+            if reference is not None:
+                hs.recording = False
+                hs.reference, out = _reference_inputs(layer, targets, reference.hidden[b], reference.kwargs[b])
+                hs.reference_outputs.append(out)
+                hs.recording = True
             try:
                 layer(h, **kw)
             except _LastInputSeen:
@@ -164,15 +210,18 @@ def collect_hessians(layer: nn.Module, targets: list[Target], inputs: LayerInput
 
 
 def quantize_matrix(W: Tensor, H: Tensor | None, cfg: QuantFields, fmt: QuantFormat,
-                    scale_dtype: torch.dtype) -> QuantResult:
+                    scale_dtype: torch.dtype, C: Tensor | None = None) -> QuantResult:
     """gptq (with H) or rtn (H None) of W [out, in] on the format's grid, with scales in `scale_dtype` (the
-    checkpoint's dtype): the dequantized weight is then exactly what a loader computes, held in W's dtype."""
+    checkpoint's dtype): the dequantized weight is then exactly what a loader computes, held in W's dtype.
+    C (gptaq): GPTQ starts from `asymmetric_target(W, H, C)` instead of W."""
     gs = fmt.group_for(W.shape[1])
     assert gs is not None
     if H is None:
         return rtn_quantize(W, bits=fmt.bits, group_size=gs, symmetric=fmt.symmetric, scale_dtype=scale_dtype,
                             observer=cfg.observer)
     assert isinstance(cfg, GptqConfig)
+    if C is not None:
+        W = asymmetric_target(W, H, C, cfg.dampening)
     return gptq_quantize(W, H, bits=fmt.bits, group_size=gs, symmetric=fmt.symmetric, act_order=cfg.act_order,
                          dampening=cfg.dampening, block_size=cfg.block_size, static_groups=True,
                          scale_dtype=scale_dtype, observer=cfg.observer)
@@ -192,17 +241,21 @@ class LayerResult:
 
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, index: int, adapter: Adapter, targets: list[Target], cfg: QuantFields,
-                   fmt: QuantFormat, hessians: LayerHessians | None, dtype: torch.dtype) -> LayerResult:
+                   fmt: QuantFormat, hessians: LayerHessians | None, dtype: torch.dtype,
+                   solved: dict[tuple[str, ...], QuantResult] | None = None) -> LayerResult:
     """Quantize every target of decoder layer `index` in place (weights replaced by their dequantized
     values, so the layer computes what the export will) and encode the layer for the checkpoint, in
-    `dtype` (the layer itself may be held in a wider compute dtype)."""
+    `dtype` (the layer itself may be held in a wider compute dtype). `solved`: the results of dense
+    target groups already quantized elsewhere (autoround), only encoded here."""
     prefix = f"model.layers.{index}."
     act_order = bool(getattr(cfg, "act_order", False))
     out: dict[str, Tensor] = {}
     losses: dict[str, float] = {}
     done: set[str] = set()  # memory names of the parameters replaced by compressed tensors
     notes: dict[str, Any] = {"layer": index}
+    all_fmt = fmt
     for t in targets:
+        fmt = all_fmt.for_target(adapter, prefix, t)
         if t.experts:
             experts: Any = layer.get_submodule(t.names[0])
             stats = hessians.experts if hessians is not None else None
@@ -230,7 +283,10 @@ def quantize_layer(layer: nn.Module, index: int, adapter: Adapter, targets: list
             continue
         lins: list[Any] = [layer.get_submodule(n) for n in t.names]
         W = torch.cat([lin.weight.data for lin in lins])  # rows stacked: one matrix per shared input
-        res = quantize_matrix(W, hessians.linear[t.names].H if hessians is not None else None, cfg, fmt, dtype)
+        cross = hessians.cross.get(t.names) if hessians is not None else None
+        res = solved[t.names] if solved is not None else quantize_matrix(
+            W, hessians.linear[t.names].H if hessians is not None else None, cfg, fmt, dtype,
+            cross.C if cross is not None else None)
         scheme = scheme_for(fmt, W.shape[1], act_order)
         lo = 0
         for name, lin in zip(t.names, lins):
@@ -255,21 +311,22 @@ def restore_layer(layer: nn.Module, index: int, adapter: Adapter, targets: list[
     `quantize_layer` left there), so that a resumed run continues from the same activations."""
     prefix = f"model.layers.{index}."
 
-    def weight(name: str, in_features: int, dtype: torch.dtype) -> Tensor:
-        scheme = scheme_for(fmt, in_features, act_order)
+    def weight(tf: QuantFormat, name: str, in_features: int, dtype: torch.dtype) -> Tensor:
+        scheme = scheme_for(tf, in_features, act_order)
         q, scale, zero = decompress_linear(name, tensors, scheme)
         return dequantize_groups(q, scale, zero, None, scheme.group_size if scheme.group_size != -1 else in_features,
                                  dtype)
 
     for t in targets:
+        tf = fmt.for_target(adapter, prefix, t)
         if t.experts:
             experts: Any = layer.get_submodule(t.names[0])
             gu, dn = experts.gate_up_proj.data, experts.down_proj.data
             h, width = gu.shape[2], dn.shape[2]
             for e, (gate, up, down) in enumerate(expert_names(adapter, prefix, gu.shape[0])):
-                gu[e] = torch.cat([weight(gate, h, gu.dtype), weight(up, h, gu.dtype)])
-                dn[e] = weight(down, width, dn.dtype)
+                gu[e] = torch.cat([weight(tf, gate, h, gu.dtype), weight(tf, up, h, gu.dtype)])
+                dn[e] = weight(tf, down, width, dn.dtype)
             continue
         for name in t.names:
             lin: Any = layer.get_submodule(name)
-            lin.weight.data = weight(disk_name(adapter, prefix, name), lin.in_features, lin.weight.dtype)
+            lin.weight.data = weight(tf, disk_name(adapter, prefix, name), lin.in_features, lin.weight.dtype)

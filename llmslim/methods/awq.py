@@ -1,0 +1,275 @@
+"""awq: activation-aware per-input-channel scaling (Lin et al. 2023, AWQ), ahead of gptq or rtn.
+
+A Linear y = W x computes the same with W' = W diag(s) on x' = x / s. Quantizing W' instead of W gives the
+input channels with large activations (scaled up, s > 1) a finer grid relative to their weights, at the
+cost of the quiet ones. The division of x by s is folded into whatever produces x, so the model keeps its
+architecture and, unquantized, its function (tested: logits equal within float rounding):
+- input_layernorm -> q, k, v      (the norm's weight / s)
+- v_proj -> o_proj                (v's rows and bias / s; only when v's width equals o's input, i.e. no GQA)
+- post_attention_layernorm -> gate, up
+- up_proj -> down_proj            (up's rows and bias / s; act(gate x) * (up x) is linear in up x)
+
+The scale of each mapping is searched on calibration inputs of the layer: s = mean|x|^a / mean|W~|^(1-a)
+(`duo_scaling`; W~ is |W| normalised per quantization group, as AutoAWQ) or mean|x|^a, normalised to
+geometric mean 1, for a in {0, 1/grid, ..., (grid-1)/grid}, and also s = 1 (no scaling); the candidate
+with the smallest error ||Q(W s)(x / s) - W x||^2 over the mapping's Linears wins, Q being round-to-nearest
+on the grid the following quantization stage uses (`bits`, `group_size`, `symmetric`; the plan checks
+that they agree). s = 1 being a candidate, awq never ends worse than plain rtn on this objective.
+
+Layer by layer, like gptq: each layer is calibrated on what the scaled layers before it produce (the
+same function as the original, up to float rounding), then written to its own file; a killed run
+resumes after the last finished layer. The clipping search of the AWQ paper is the following stage's
+`observer: mse`.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor, nn
+
+from ..faults import crash_point
+from ..layerstore import done_layers, layer_file, load_layer, save_layer, write_export
+from ..layerwise import forward_layer, walk
+from ..plan import PlanError, PlanState
+from ..registry import Method, MethodConfig, register
+from ..stage import StageContext, StageResult
+from .gptq import config as qconfig
+from .gptq.core import rtn_quantize
+
+log = logging.getLogger(__name__)
+
+
+class AwqConfig(MethodConfig):
+    """Activation-aware scaling: per-input-channel scales searched for the grid of the quantization stage
+    that follows, folded into the preceding norm or Linear (the model keeps its architecture)."""
+
+    data: str
+    """Calibration source (from `data:`)."""
+    bits: Literal[2, 3, 4, 8] = 4
+    """Bits of the grid the scales are searched for: those of the following gptq/rtn stage (checked)."""
+    group_size: Literal[-1, 32, 64, 128] = 128
+    """Group size of that grid (-1: per channel); must equal the following stage's."""
+    symmetric: bool = True
+    """Whether that grid is symmetric; must equal the following stage's."""
+    per_channel_fallback: bool = False
+    """As in gptq: Linears whose input width group_size does not divide are searched per channel."""
+    observer: Literal["minmax", "mse"] = "minmax"
+    """The range each group's grid takes during the search: that of the following stage's `observer`."""
+    grid: int = Field(default=20, ge=1, le=200)
+    """Exponents a tried per mapping: 0, 1/grid, ..., (grid-1)/grid (plus no scaling)."""
+    duo_scaling: bool = True
+    """s = mean|x|^a / mean|W|^(1-a) (AutoAWQ's default); false: s = mean|x|^a (the AWQ paper)."""
+    tokens: int = Field(default=8192, gt=0)
+    """Calibration tokens per layer used in the search (a seeded sample of `data`)."""
+
+    def grid_key(self) -> tuple[int, int, bool]:
+        return self.bits, self.group_size, self.symmetric
+
+
+# ---------------------------------------------------------------- the search (pure)
+
+
+def weight_profile(W: Tensor, group_size: int) -> Tensor:
+    """mean over rows of |W| normalised by its group's max: [in]. How large each input channel's weights
+    are relative to the quantization step they share."""
+    out, n = W.shape
+    gs = n if group_size == -1 else group_size
+    a = W.abs().reshape(out, n // gs, gs)
+    a = a / a.amax(-1, keepdim=True).clamp(min=1e-12)
+    return a.reshape(out, n).mean(0)
+
+
+def candidate_scales(x_mean: Tensor, w_mean: Tensor | None, alpha: float) -> Tensor:
+    """s = x_mean^alpha [/ w_mean^(1-alpha)], clamped away from 0 and normalised to geometric mean 1
+    (sqrt(max * min) = 1, as AWQ), so that folding keeps the weights' magnitudes in range."""
+    s = x_mean.clamp(min=1e-4).pow(alpha)
+    if w_mean is not None:
+        s = s / w_mean.clamp(min=1e-4).pow(1 - alpha)
+    s = s.clamp(min=1e-4)
+    return s / (s.max() * s.min()).sqrt()
+
+
+@dataclass
+class ScaleSearch:
+    scale: Tensor  # [in]
+    alpha: float | None  # None: no scaling won
+    error: float  # of the winner, mean squared output error
+    error_unscaled: float  # of s = 1: plain rtn
+
+
+@torch.no_grad()
+def search_scale(x: Tensor, W: Tensor, quantize: Callable[[Tensor], Tensor], *, grid: int = 20,
+                 duo_scaling: bool = True, group_size: int = -1) -> ScaleSearch:
+    """The per-input-channel scale s [in] minimising mean ||Q(W s)(x / s) - W x||^2 for inputs x [T, in]
+    and a weight W [out, in] (the mapping's Linears stacked by rows); `quantize` maps a weight to its
+    dequantized grid values. s = 1 is always a candidate. Float32 throughout."""
+    x, W = x.float(), W.float()
+    y = x @ W.T
+    x_mean = x.abs().mean(0)
+    w_mean = weight_profile(W, group_size) if duo_scaling else None
+
+    def error(s: Tensor) -> float:
+        return float((x @ (quantize(W * s) / s).T - y).pow(2).mean())
+
+    best = ScaleSearch(torch.ones_like(x_mean), None, 0.0, 0.0)
+    best.error = best.error_unscaled = error(best.scale)
+    for i in range(grid):
+        alpha = i / grid
+        s = candidate_scales(x_mean, w_mean, alpha)
+        e = error(s)
+        if e < best.error:
+            best = ScaleSearch(s, alpha, e, best.error_unscaled)
+    return best
+
+
+# ---------------------------------------------------------------- folding into the layer
+
+
+@dataclass(frozen=True)
+class Mapping:
+    """Linears sharing one input (names relative to the decoder layer) and what produces that input."""
+
+    name: str
+    previous: str  # a norm (weight / s) or a Linear (rows / s)
+    linears: tuple[str, ...]
+
+
+def mappings(layer: nn.Module) -> list[Mapping]:
+    out = [Mapping("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
+    v, o = layer.get_submodule("self_attn.v_proj"), layer.get_submodule("self_attn.o_proj")
+    if v.out_features == o.in_features:  # type: ignore[operator]  # GQA: one v channel feeds several o inputs
+        out.append(Mapping("o", "self_attn.v_proj", ("self_attn.o_proj",)))
+    out.append(Mapping("gate_up", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+    out.append(Mapping("down", "mlp.up_proj", ("mlp.down_proj",)))
+    return out
+
+
+@torch.no_grad()
+def fold(layer: nn.Module, m: Mapping, s: Tensor) -> None:
+    """Scale the mapping's Linears' input columns by s and divide what produces their input by s."""
+    prev: Any = layer.get_submodule(m.previous)
+    if isinstance(prev, nn.Linear):
+        prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)
+        if prev.bias is not None:
+            prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
+    else:  # RMSNorm: y = weight * normalised(x)
+        prev.weight.data = (prev.weight.float() / s).to(prev.weight.dtype)
+    for name in m.linears:
+        lin: Any = layer.get_submodule(name)
+        lin.weight.data = (lin.weight.float() * s).to(lin.weight.dtype)
+
+
+class _Inputs:
+    """Pre-hooks keeping a seeded sample of each mapping's input tokens (at most `limit` per mapping)."""
+
+    def __init__(self, layer: nn.Module, maps: list[Mapping], share: float, gen: torch.Generator):
+        self.x: dict[str, list[Tensor]] = {m.name: [] for m in maps}
+        self._handles = []
+        for m in maps:
+            def hook(_mod: Any, args: tuple, name: str = m.name) -> None:
+                x = args[0].reshape(-1, args[0].shape[-1])
+                keep = max(1, math.ceil(share * len(x)))
+                idx = torch.randperm(len(x), generator=gen)[:keep].to(x.device)
+                self.x[name].append(x[idx].float())
+            self._handles.append(layer.get_submodule(m.linears[0]).register_forward_pre_hook(hook))
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+
+
+def scale_layer(layer: nn.Module, inputs: Any, cfg: AwqConfig, gen: torch.Generator) -> dict[str, Any]:
+    """Search and fold every mapping's scale in one decoder layer; returns the layer's notes."""
+    maps = mappings(layer)
+    hooks = _Inputs(layer, maps, min(1.0, cfg.tokens / max(1, inputs.tokens)), gen)
+    try:
+        forward_layer(layer, inputs)  # one pass of the unscaled layer: every mapping's inputs
+    finally:
+        hooks.remove()
+    notes: dict[str, Any] = {}
+    for m in maps:
+        x = torch.cat(hooks.x.pop(m.name))
+        lins: list[Any] = [layer.get_submodule(n) for n in m.linears]
+        W = torch.cat([lin.weight.float() for lin in lins])
+        gs = _group(cfg, W.shape[1])
+
+        def quantize(w: Tensor, gs: int = gs) -> Tensor:
+            return rtn_quantize(w, bits=cfg.bits, group_size=gs, symmetric=cfg.symmetric, observer=cfg.observer).weight
+
+        found = search_scale(x, W, quantize, grid=cfg.grid, duo_scaling=cfg.duo_scaling, group_size=gs)
+        del x, W
+        if found.alpha is not None:
+            fold(layer, m, found.scale.to(next(layer.parameters()).device))
+        notes[m.name] = {"alpha": found.alpha, "error": float(f"{found.error:.6g}"),
+                         "error_unscaled": float(f"{found.error_unscaled:.6g}")}
+    return notes
+
+
+def _group(cfg: AwqConfig, width: int) -> int:
+    if cfg.group_size == -1 or width % cfg.group_size == 0:
+        return cfg.group_size
+    return -1  # per_channel_fallback (the plan refuses the recipe otherwise)
+
+
+# ---------------------------------------------------------------- plan and stage
+
+
+def plan(state: PlanState, cfg: AwqConfig) -> PlanState:
+    if state.adapter.is_moe:
+        raise PlanError("method", f"{state.config.model_type}: awq scales dense Linears; MoE experts are fused "
+                                "parameters it does not handle yet: quantize MoE models with gptq or rtn")
+    grid = qconfig.RtnConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                             per_channel_fallback=cfg.per_channel_fallback, ignore=[])
+    from .gptq import plan as quant_plan
+
+    quant_plan(replace(state, awq_grid=None), grid)  # the same width checks as the quantization stage (group_size must fit)
+    return replace(state, awq_grid=cfg.grid_key())
+
+
+def run(ctx: StageContext, cfg: AwqConfig) -> StageResult:
+    config = copy.deepcopy(ctx.after.config)
+    config.dtype = ctx.dtype
+    adapter = ctx.source.adapter
+    lazy = ctx.lazy_model()
+    n = len(lazy.layers)
+    done = done_layers(ctx, n, "scaled")
+    layers: dict[str, Any] = {}
+    with ctx.progress.track(f"{ctx.stage.label}: AWQ scales for W{cfg.bits} g{cfg.group_size}", n) as task:
+        for step in walk(lazy, ctx.calibration_inputs(lazy), device=ctx.device):
+            i, layer, prefix = step.index, step.layer, f"model.layers.{step.index}."
+            file = layer_file(ctx.scratch_dir, i)
+            if i in done:  # bit for bit what the earlier run wrote; the walk re-runs it for the next inputs
+                tensors, notes = load_layer(file)
+                saved = {k[len(prefix):]: v for k, v in adapter.from_disk(tensors).items()}
+                layer.load_state_dict({k: saved[k].to(v.dtype) for k, v in layer.state_dict().items()})
+            else:
+                notes = scale_layer(layer, step.inputs, cfg, torch.Generator().manual_seed(ctx.seed + i))
+                for p in layer.parameters():  # what the file holds, so a resumed run continues from the same values
+                    p.data = p.data.to(ctx.dtype).to(p.dtype)
+                save_layer(file, adapter.to_disk({prefix + k: v.to(ctx.dtype) for k, v in layer.state_dict().items()}),
+                           notes)
+                crash_point("awq.layer")
+            layers[str(i)] = notes
+            if i == n - 1:
+                step.outputs = []
+            task.advance()
+    write_export(ctx, config, n)
+    gain = [d[m]["error"] / d[m]["error_unscaled"] for d in layers.values() for m in d if d[m]["error_unscaled"] > 0]
+    notes_out: dict[str, Any] = {
+        "grid": f"W{cfg.bits} g{cfg.group_size}" + ("" if cfg.symmetric else " asymmetric"),
+        "median_error_ratio": float(f"{sorted(gain)[len(gain) // 2]:.4g}") if gain else None,
+        "layers": layers}
+    if done:
+        notes_out["layers_from_earlier_run"] = len(done)
+    return StageResult(config, notes_out)
+
+
+register(Method("awq", AwqConfig, run, plan))
