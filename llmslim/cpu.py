@@ -156,7 +156,7 @@ def vllm_cpu_run(kind: ExportKind, f: CpuFeatures, checkpoint_dtype: str = "bflo
         return VllmRun("float32", True, True)
     if not f.avx512:
         return VllmRun(sixteen, False, False, (
-            "weight-only int4/int8 loads in vLLM, but its CPU kernel (cpu_gemm_wna16) exists only in vllm-cpu's "
+            "weight-only int4 loads in vLLM, but its CPU kernel (cpu_gemm_wna16) exists only in vllm-cpu's "
             f"AVX-512 libraries and this CPU ({f.describe()}) has no AVX-512: generation needs a GPU or an "
             "AVX-512 CPU"))
     return VllmRun(sixteen, True, False, "vLLM's weight-only CPU kernel takes bf16/fp16 activations only")

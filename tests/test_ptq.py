@@ -380,3 +380,56 @@ def test_every_ptq_export_loads_in_vllm(tiny_tok, tmp_path):
             assert result.generated and "agrees with transformers" in result.detail, result.detail
         else:
             assert not result.generated and result.detail.startswith("vLLM loads the export"), result.detail
+
+
+# ---------------------------------------------------------------- automatic mixed precision
+
+
+def test_allocation_spends_the_budget_on_the_best_gain_per_bit():
+    from llmslim.methods.mixed import allocate
+
+    gains, costs = [10.0, 1.0, 6.0, 0.0, 3.0], [10, 1, 3, 1, 6]
+    # gain per cost: 1.0, 1.0, 2.0, 0, 0.5 -> item 2 first, then 0 (10, fits in 14), then 1 (1), then 4 (no)
+    assert allocate(gains, costs, budget=14) == [True, True, True, False, False]
+    assert allocate(gains, costs, budget=2) == [False, True, False, False, False]  # 2 does not fit, 1 does
+    assert allocate(gains, costs, budget=0) == [False] * 5
+    assert allocate([1.0, -1.0], [1, 1], budget=10) == [True, False]  # no gain, no upgrade
+
+
+def test_sensitivity_weighs_errors_by_the_inputs_second_moment():
+    from llmslim.methods.mixed import sensitivity
+
+    gen = torch.Generator().manual_seed(0)
+    W = torch.randn(32, 64, generator=gen)
+    quiet, loud = torch.ones(64), torch.ones(64)
+    loud[:8] = 100.0
+    assert sensitivity(W, loud, 3, -1, True) > 5 * sensitivity(W, quiet, 3, -1, True)
+    assert sensitivity(W, quiet, 3, -1, True) > sensitivity(W, quiet, 4, -1, True) > sensitivity(W, quiet, 8, -1, True)
+
+
+def test_mixed_allocation_meets_its_budget_and_exports_what_it_chose(tiny_tok, tmp_path):
+    stage = {"method": "gptq", "data": "calib", "bits": 4, "group_size": 32, "mixed": {"target_bits": 5.5}}
+    recipe = parse_recipe(tiny_recipe(tmp_path, tiny_tok("llama"), [stage]))
+    run(recipe)
+    out = Path(recipe.spec.output)
+    report = report_of(out)
+    allocation = report["stages"][0]["notes"]["mixed"]
+    assert 4 < allocation["average_bits"] <= 5.5 and 0 < allocation["targets_upgraded"] < allocation["targets"]
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    bits = sorted(g["weights"]["num_bits"] for g in config["config_groups"].values())
+    assert bits[0] == 4 and bits[-1] == 8
+    eight = [t for g in config["config_groups"].values() if g["weights"]["num_bits"] == 8 for t in g["targets"]]
+    assert len(eight) == len(allocation["upgraded"])  # one exact pattern per upgraded Linear
+    assert report["check"]["passed"], report["check"]  # every tensor shape-checked against its config group
+
+
+@pytest.mark.parametrize("stage, message", [
+    ({"method": "rtn", "mixed": {"target_bits": 5}}, r"mixed measures sensitivity on calibration data"),
+    ({"method": "gptq", "data": "calib", "bits": 4, "mixed": {"target_bits": 9}},
+     r"mixed\.target_bits 9 must lie between bits 4 and mixed\.high_bits 8"),
+    ({"method": "gptq", "data": "calib", "bits": 4, "mixed": {"target_bits": 5},
+      "groups": [{"targets": ["down_proj"], "bits": 8}]}, r"give either groups \(by hand\) or mixed"),
+])
+def test_bad_mixed_parameters_get_one_clear_line(tiny, tmp_path, stage, message):
+    with pytest.raises(RecipeError, match=message):
+        parse_recipe(tiny_recipe(tmp_path, tiny("llama"), [stage]))

@@ -66,8 +66,8 @@ class QatConfig(TrainFields, QuantFields):
     def _check_qat(self) -> QatConfig:
         if self.trainable != "lora":
             raise ValueError("qat trains LoRA adapters on frozen quantized weights: trainable must be lora")
-        if self.groups:
-            raise ValueError("groups (mixed precision) are for gptq, rtn and autoround; qat trains one grid")
+        if self.groups or self.mixed:
+            raise ValueError("mixed precision (groups, mixed) is for gptq, rtn and autoround; qat trains one grid")
         if self.lora.dropout:
             raise ValueError("lora.dropout must be 0 for qat: the forward uses the merged weight, where dropout on "
                              "the adapters' input does not exist")

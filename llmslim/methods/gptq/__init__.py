@@ -31,6 +31,7 @@ from ...layerwise import LayerInputs, run_layer, walk
 from ...plan import PlanError, PlanState, meta_model
 from ...registry import Method, register
 from ...stage import StageContext, StageResult
+from .. import mixed
 from .config import (
     GptqConfig,
     QuantFields,
@@ -209,6 +210,9 @@ def run(ctx: StageContext, cfg: QuantFields, learn: Callable[..., Any] | None = 
     targets, _ = targets_by_layer(lazy.model, adapter, cfg.ignore)
     n = len(lazy.layers)
     ctx.scratch_dir.mkdir(parents=True, exist_ok=True)
+    allocation = None
+    if cfg.mixed is not None:  # decided once (a pass over the unquantized model), kept for a resumed run
+        fmt, allocation = mixed.plan_groups(ctx, lazy, targets, fmt, cfg)
     done = done_layers(ctx, n, "quantized")
     resumed = len(done)
     first_todo = next((i for i in range(n) if i not in done), n)
@@ -272,6 +276,8 @@ def run(ctx: StageContext, cfg: QuantFields, learn: Callable[..., Any] | None = 
     config.quantization_config = config_block(ctx, fmt, act_order, lazy.model, targets)
     write_export(ctx, config, n)
     notes = _notes(fmt, cfg, notes_by_layer, resumed)
+    if allocation is not None:
+        notes["mixed"] = allocation
     if learn is not None:
         notes["layers_learned_kept"] = sum(bool(d.get("learned_kept")) for d in notes_by_layer)
     return StageResult(config, notes)

@@ -38,6 +38,15 @@ class QuantGroup(MethodConfig):
     """Their group size; default: the stage's."""
 
 
+class MixedConfig(MethodConfig):
+    """Automatic mixed precision: two bit widths under an average budget (see methods/mixed.py)."""
+
+    target_bits: float = Field(gt=0)
+    """Average weight bits over all quantized Linears, between the stage's `bits` and `high_bits`."""
+    high_bits: Literal[4, 8] = 8
+    """The wider width given to the targets where a measured sensitivity says it matters most."""
+
+
 class QuantFields(MethodConfig):
     """Parameters shared by gptq and rtn: the integer grid and what it applies to."""
 
@@ -66,14 +75,27 @@ class QuantFields(MethodConfig):
     Linear sets its bits (and group_size); the others take the stage's. Exported as one compressed-tensors
     config group per scheme. Linears vLLM fuses (q/k/v, gate/up) must land in the same group."""
 
+    mixed: MixedConfig | None = None
+    """Automatic mixed precision (gptq, autoround): `{target_bits: 4.5}` gives `high_bits` (default 8) to the
+    Linears whose round-to-nearest output error (measured on the calibration tokens) drops most per extra
+    bit, until the average over all quantized weights reaches target_bits; the rest keep `bits`."""
+
     @model_validator(mode="after")
     def _grid(self) -> QuantFields:
         if self.activation_bits == 8 and (self.bits != 8 or not self.symmetric or self.group_size != -1):
             raise ValueError("activation_bits 8 (W8A8) needs bits: 8, symmetric: true and group_size: -1, the "
                              f"scheme vLLM's int8 kernels run; found bits {self.bits}, symmetric {self.symmetric}, "
                              f"group_size {self.group_size}")
-        if self.activation_bits == 8 and self.groups:
-            raise ValueError("groups (mixed precision) are weight-only: W8A8 takes one scheme for every Linear")
+        if self.activation_bits == 8 and (self.groups or self.mixed):
+            raise ValueError("mixed precision (groups, mixed) is weight-only: W8A8 takes one scheme for every Linear")
+        if self.mixed is not None:
+            if self.groups:
+                raise ValueError("give either groups (by hand) or mixed (automatic), not both")
+            if not self.bits < self.mixed.high_bits:
+                raise ValueError(f"mixed.high_bits {self.mixed.high_bits} must be above bits {self.bits}")
+            if not self.bits < self.mixed.target_bits < self.mixed.high_bits:
+                raise ValueError(f"mixed.target_bits {self.mixed.target_bits:g} must lie between bits {self.bits} and "
+                                 f"mixed.high_bits {self.mixed.high_bits}")
         patterns = [(f"ignore[{i}]", p) for i, p in enumerate(self.ignore)]
         patterns += [(f"groups[{g}].targets[{i}]", p) for g, grp in enumerate(self.groups)
                      for i, p in enumerate(grp.targets)]
@@ -114,6 +136,13 @@ class GptqConfig(QuantFields):
 
 class RtnConfig(QuantFields):
     """Round-to-nearest on the same grid as gptq, without data: the baseline GPTQ is measured against."""
+
+    @model_validator(mode="after")
+    def _no_mixed(self) -> RtnConfig:
+        if self.mixed is not None:
+            raise ValueError("mixed measures sensitivity on calibration data, which rtn does not read: use gptq "
+                             "(or groups for a hand-made allocation)")
+        return self
 
 
 def matches(name: str, pattern: str) -> bool:
@@ -214,13 +243,15 @@ class QuantFormat:
     ignore: tuple[str, ...]
     per_channel_fallback: bool
     groups: tuple[tuple[tuple[str, ...], int, int], ...] = ()  # mixed precision: (patterns, bits, group_size)
+    mixed: tuple[float, int] | None = None  # automatic: (target_bits, high_bits), resolved when the stage runs
 
     @classmethod
     def of(cls, cfg: QuantFields) -> QuantFormat:
         groups = tuple((tuple(g.targets), g.bits, g.group_size if g.group_size is not None else cfg.group_size)
                        for g in cfg.groups)
+        mixed = (cfg.mixed.target_bits, cfg.mixed.high_bits) if cfg.mixed is not None else None
         return cls(cfg.bits, cfg.group_size, cfg.symmetric, cfg.activation_bits, tuple(cfg.ignore),
-                   cfg.per_channel_fallback, groups)
+                   cfg.per_channel_fallback, groups, mixed)
 
     def matching(self, names: list[str]) -> int | None:
         """The index of the first mixed-precision group with a pattern matching one of `names`."""
@@ -243,7 +274,7 @@ class QuantFormat:
         return self.for_names(target_names(adapter, prefix, t)[0])
 
     def all_bits(self) -> set[int]:
-        return {self.bits, *(b for _, b, _ in self.groups)}
+        return {self.bits, *(b for _, b, _ in self.groups), *([self.mixed[1]] if self.mixed else [])}
 
     def group_for(self, in_features: int) -> int | None:
         """The group size used for a Linear with this input width (-1 per channel), None if it does not fit."""
@@ -265,7 +296,13 @@ class QuantFormat:
         return weight + scale + zero
 
     def model_bytes(self, model: torch.nn.Module, dtype: torch.dtype) -> int:
-        """Bytes on disk of `model` (a meta-device model) with its targets quantized."""
+        """Bytes on disk of `model` (a meta-device model) with its targets quantized (automatic mixed
+        precision: interpolated between all at `bits` and all at `high_bits` by the budget)."""
+        if self.mixed is not None:
+            target, high = self.mixed
+            low_bytes = replace(self, mixed=None).model_bytes(model, dtype)
+            high_bytes = replace(self, mixed=None, bits=high).model_bytes(model, dtype)
+            return round(low_bytes + (high_bytes - low_bytes) * (target - self.bits) / (high - self.bits))
         adapter = Adapter.for_config(model.config)  # type: ignore[arg-type]
         element = torch.empty((), dtype=dtype).element_size()
         total = sum(p.numel() for p in model.parameters()) * element  # tied weights counted once
