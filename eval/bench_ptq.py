@@ -47,6 +47,17 @@ RESULTS = REPO / "eval" / "results" / "bench_ptq.json"
 ROWS = [(3, -1), (4, -1), (4, 32)]
 
 
+def row_name(bits: int, group: int) -> str:
+    return f"W{bits} " + ("per channel" if group == -1 else f"g{group}")
+
+
+def collected(log: Path, quant_s: float, tool: str) -> dict[str, Any]:
+    """What run_child measured for a finished run, read back from its GNU time file."""
+    max_kib, user, system = log.with_suffix(".time").read_text().split()[-3:]
+    return {"tool": tool, "cpu_s": round(float(user) + float(system), 2), "peak_rss_bytes": int(max_kib) * 1024,
+            "quant_s": quant_s, "log": str(log), "collected": True}
+
+
 def our_columns(bits: int, group: int, iters: int) -> dict[str, list[dict[str, Any]]]:
     """Column name -> the recipe's stages, for one grid."""
     # W4 g32: the 172-wide down_proj stays unquantized, as both anchors keep it (the same Linears quantized)
@@ -88,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=Path("/tmp/llmslim-bench-ptq"))
     p.add_argument("--no-anchor", action="store_true", help="ours only (no .venv-anchor here)")
     p.add_argument("--iters", type=int, default=50, help="autoround steps per layer, ours and the anchor's")
+    p.add_argument("--rows", nargs="+", choices=[row_name(b, g) for b, g in ROWS], help="only these grids")
+    p.add_argument("--no-awq-anchor", action="store_true", help="skip llm-compressor's AWQ + GPTQ (the slowest anchor)")
+    p.add_argument("--collect", action="store_true",
+                   help="run nothing: measure the outputs an earlier (interrupted) run left in --work")
     args = p.parse_args(argv)
     if not (STORIES.is_dir() and DEV.is_file()):
         print(f"skipped: {STORIES} or {DEV} not found (set LLMSLIM_SHARED)")
@@ -117,44 +132,72 @@ def main(argv: list[str] | None = None) -> int:
     say(f"original: {original}")
     cells: dict[str, dict[str, Any]] = {}
     for bits, group in ROWS:
-        row = f"W{bits} " + ("per channel" if group == -1 else f"g{group}")
+        row = row_name(bits, group)
+        if args.rows and row not in args.rows:
+            continue
         cells[row] = {}
         calib = work / f"calib-{bits}-{group}.pt"
         token_hash = ""
         for column, stages in our_columns(bits, group, args.iters).items():
             name = "ours-" + column.replace(" + ", "-").replace(" ", "-") + f"-w{bits}g{group}"
+            log = work / "logs" / f"{name}.log"
+            if args.collect:
+                if not (work / name / "llmslim_report.json").is_file():
+                    continue
+                stages_done = json.loads((work / name / "llmslim_report.json").read_text())["stages"]
+                cells[row][f"ours {column}"] = {**collected(log, sum(x["seconds"] for x in stages_done), "ours"),
+                                                "ppl": ppl(work / name)}
+                continue
             text = write_recipe(work / f"{name}.yaml", work / name, samples, stages)
             if not token_hash and stages[0].get("data"):
                 token_hash = calibration_tokens(text, calib)
             say(f"{row}: {column} (ours)")
-            run = run_ours(work / f"{name}.yaml", work / name, work / "logs" / f"{name}.log")
+            run = run_ours(work / f"{name}.yaml", work / name, log)
             cells[row][f"ours {column}"] = {**run, "ppl": ppl(work / name)}
         if anchor:
-            for observer, awq in (("minmax", False), ("mse", False), ("mse", True)):
+            for observer, awq in (("minmax", False), ("mse", False), ("mse", True))[:2 if args.no_awq_anchor else 3]:
                 label = f"llm-compressor {'awq + ' if awq else ''}gptq {observer}"
                 name = f"anchor-{'awq-' if awq else ''}gptq-{observer}-w{bits}g{group}"
                 say(f"{row}: {label}")
                 dense = work / f"{name}-dense"
+                if args.collect:
+                    if dense.is_dir():
+                        timing = json.loads((work / f"{name}.json").read_text())["timings_s"]["oneshot"]
+                        cells[row][label] = {**collected(work / "logs" / f"{name}.log", timing, "llm-compressor"),
+                                             "ppl": ppl(dense)}
+                    continue
                 run = run_anchor(STORIES, calib, token_hash, work / name, bits, group, work / "logs" / f"{name}.log",
                                  dense_out=dense, observer=observer, awq=awq)
                 cells[row][label] = {**run, "ppl": ppl(dense)}
             name = f"anchor-autoround-w{bits}g{group}"
             say(f"{row}: auto-round light")
             dense = work / f"{name}-dense"
+            if args.collect:
+                if dense.is_dir():
+                    timing = json.loads((work / f"{name}.json").read_text())["timings_s"]["quantize"]
+                    cells[row][f"auto-round {args.iters}"] = {
+                        **collected(work / "logs" / f"{name}.log", timing, "auto-round"), "ppl": ppl(dense)}
+                continue
             run = run_autoround(STORIES, calib, token_hash, work / name, bits, group, work / "logs" / f"{name}.log",
                                 dense_out=dense, iters=args.iters, extra=["--lr", "5e-3", "--no-torch-compile"])
             cells[row][f"auto-round {args.iters}"] = {**run, "ppl": ppl(dense)}
 
     grids = list(cells)
-    methods = list(next(iter(cells.values())))
+    methods = list(dict.fromkeys(m for c in cells.values() for m in c))
     lines = [f"stories260K, perplexity on the second half of TinyStories dev.txt; original {original:.3f}. "
              "Each cell: perplexity (quantization seconds, whole-process peak RSS MiB); bold: best in the column.", "",
              "| method | " + " | ".join(grids) + " |", "|---|" + "---:|" * len(grids)]
     best = {g: min(v["ppl"] for v in cells[g].values()) for g in grids}
+
+    def cell(g: str, m: str) -> str:
+        c = cells[g].get(m)
+        if c is None:
+            return "not run"
+        value = f"**{c['ppl']:.3f}**" if c["ppl"] == best[g] else f"{c['ppl']:.3f}"
+        return value + f" ({c['quant_s']:.0f} s, {c['peak_rss_bytes'] / 2**20:.0f})"
+
     for m in methods:
-        lines.append(f"| {m} | " + " | ".join(
-            (f"**{cells[g][m]['ppl']:.3f}**" if cells[g][m]["ppl"] == best[g] else f"{cells[g][m]['ppl']:.3f}")
-            + f" ({cells[g][m]['quant_s']:.0f} s, {cells[g][m]['peak_rss_bytes'] / 2**20:.0f})" for g in grids) + " |")
+        lines.append(f"| {m} | " + " | ".join(cell(g, m) for g in grids) + " |")
     checks: dict[str, bool] = {}
     lines.append("")
     for g, c in cells.items():
