@@ -46,9 +46,12 @@ def allocate(gains: list[float], costs: list[int], budget: float) -> list[bool]:
 
 
 @torch.no_grad()
-def second_moments(lazy: Any, inputs: Any, targets: list[list[Any]], device: Any) -> list[dict[tuple[str, ...], Tensor]]:
-    """E[x_j^2] of every target's input, per layer, on the unquantized model (one forward walk)."""
-    out: list[dict[tuple[str, ...], Tensor]] = []
+def measure(lazy: Any, inputs: Any, targets: list[list[Any]], fmt: Any, high_bits: int, device: Any
+            ) -> list[tuple[int, Any, float, int]]:
+    """(layer, target, gain = sensitivity at fmt.bits - at high_bits, weights) of every target, in one
+    forward walk of the unquantized model: each layer's input second moments are measured and its
+    weights scored while the layer is in memory."""
+    out: list[tuple[int, Any, float, int]] = []
     for step in walk(lazy, inputs, device=device):
         sums: dict[tuple[str, ...], list[Any]] = {}
         handles = []
@@ -66,7 +69,14 @@ def second_moments(lazy: Any, inputs: Any, targets: list[list[Any]], device: Any
         finally:
             for h in handles:
                 h.remove()
-        out.append({k: (v[0] / max(v[1], 1)).cpu() for k, v in sums.items()})
+        for t in targets[step.index]:
+            moment = sums[t.names][0] / max(sums[t.names][1], 1)
+            lins: list[Any] = [step.layer.get_submodule(n) for n in t.names]
+            W = torch.cat([lin.weight.float() for lin in lins])
+            gs = fmt.group_for(W.shape[1]) or -1
+            gain = (sensitivity(W, moment, fmt.bits, gs, fmt.symmetric)
+                    - sensitivity(W, moment, high_bits, gs, fmt.symmetric))
+            out.append((step.index, t, gain, W.numel()))
     return out
 
 
@@ -80,21 +90,11 @@ def plan_groups(ctx: Any, lazy: Any, targets: list[list[Any]], fmt: Any, cfg: An
     if file.is_file():
         saved = json.loads(file.read_text())
     else:
-        moments = second_moments(lazy, ctx.calibration_inputs(lazy), targets, ctx.device)
-        items, gains, costs = [], [], []
-        total = 0
-        for i, ts in enumerate(targets):
-            layer = lazy.materialize(i)
-            for t in ts:
-                W = torch.cat([layer.get_submodule(n).weight.float() for n in t.names])
-                gs = fmt.group_for(W.shape[1]) or -1
-                low = sensitivity(W, moments[i][t.names], fmt.bits, gs, fmt.symmetric)
-                high = sensitivity(W, moments[i][t.names], mixed.high_bits, gs, fmt.symmetric)
-                items.append([disk_name(ctx.source.adapter, f"model.layers.{i}.", n) for n in t.names])
-                gains.append(low - high)
-                costs.append(W.numel() * (mixed.high_bits - fmt.bits))
-                total += W.numel()
-            lazy.release(i)
+        scored = measure(lazy, ctx.calibration_inputs(lazy), targets, fmt, mixed.high_bits, ctx.device)
+        items = [[disk_name(ctx.source.adapter, f"model.layers.{i}.", n) for n in t.names] for i, t, _, _ in scored]
+        gains = [gain for _, _, gain, _ in scored]
+        costs = [numel * (mixed.high_bits - fmt.bits) for _, _, _, numel in scored]
+        total = sum(numel for _, _, _, numel in scored)
         budget = total * (mixed.target_bits - fmt.bits)
         chosen = allocate(gains, costs, budget)
         upgraded = [n for names, c in zip(items, chosen) if c for n in names]
