@@ -80,7 +80,7 @@ def plan(state: PlanState, cfg: QuantFields) -> PlanState:
                                   "model.layers.0.self_attn.q_proj or model.layers.0.mlp.down_proj (a suffix such "
                                   "as down_proj also works, or re:REGEX)")
     _check_groups(fmt, adapter, targets)
-    widths: dict[int, list[str]] = {}
+    widths: dict[tuple[int, int], list[str]] = {}  # (input width, the group size that does not fit it) -> names
     for i, layer in enumerate(adapter.layers(model)):
         for t in targets[i]:
             tf = fmt.for_target(adapter, f"model.layers.{i}.", t)
@@ -91,10 +91,9 @@ def plan(state: PlanState, cfg: QuantFields) -> PlanState:
                 n_in = {layer.get_submodule(n).in_features: n for n in t.names}
             for width, name in n_in.items():
                 if tf.group_for(width) is None:
-                    widths.setdefault(width, []).append(name.rsplit(".", 1)[-1])
-                    group_size = tf.group_size
+                    widths.setdefault((width, tf.group_size), []).append(name.rsplit(".", 1)[-1])
     if widths:
-        width, names = next(iter(widths.items()))
+        (width, group_size), names = next(iter(widths.items()))
         raise PlanError("group_size", f"group_size {group_size} does not divide the input width {width} of "
                                       f"{', '.join(sorted(set(names)))}; use a group_size that divides it, -1 (per "
                                       "channel), or per_channel_fallback: true to quantize those Linears per channel")
