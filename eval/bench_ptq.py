@@ -58,6 +58,12 @@ def collected(log: Path, quant_s: float, tool: str) -> dict[str, Any]:
             "quant_s": quant_s, "log": str(log), "collected": True}
 
 
+def collected_anchor(work: Path, name: str, phase: str, tool: str) -> dict[str, Any]:
+    """`collected` for an anchor run: its quantization time from the JSON it wrote."""
+    timing = json.loads((work / f"{name}.json").read_text())["timings_s"][phase]
+    return collected(work / "logs" / f"{name}.log", timing, tool)
+
+
 def our_columns(bits: int, group: int, iters: int) -> dict[str, list[dict[str, Any]]]:
     """Column name -> the recipe's stages, for one grid."""
     # W4 g32: the 172-wide down_proj stays unquantized, as both anchors keep it (the same Linears quantized)
@@ -162,8 +168,7 @@ def main(argv: list[str] | None = None) -> int:
                 dense = work / f"{name}-dense"
                 if args.collect:
                     if dense.is_dir():
-                        timing = json.loads((work / f"{name}.json").read_text())["timings_s"]["oneshot"]
-                        cells[row][label] = {**collected(work / "logs" / f"{name}.log", timing, "llm-compressor"),
+                        cells[row][label] = {**collected_anchor(work, name, "oneshot", "llm-compressor"),
                                              "ppl": ppl(dense)}
                     continue
                 run = run_anchor(STORIES, calib, token_hash, work / name, bits, group, work / "logs" / f"{name}.log",
@@ -174,9 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             dense = work / f"{name}-dense"
             if args.collect:
                 if dense.is_dir():
-                    timing = json.loads((work / f"{name}.json").read_text())["timings_s"]["quantize"]
-                    cells[row][f"auto-round {args.iters}"] = {
-                        **collected(work / "logs" / f"{name}.log", timing, "auto-round"), "ppl": ppl(dense)}
+                    cells[row][f"auto-round {args.iters}"] = {**collected_anchor(work, name, "quantize", "auto-round"),
+                                                              "ppl": ppl(dense)}
                 continue
             run = run_autoround(STORIES, calib, token_hash, work / name, bits, group, work / "logs" / f"{name}.log",
                                 dense_out=dense, iters=args.iters, extra=["--lr", "5e-3", "--no-torch-compile"])
