@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import cpu
-from .cpu import VllmRun, export_kind, vllm_cpu_run, vllm_gpu_run
+from .cpu import VLLM_CPU_HEAD_DIMS, VllmRun, export_kind, vllm_cpu_run, vllm_gpu_run
 from .errors import UserError
 from .loading import load_tokenizer
 
@@ -28,7 +28,6 @@ log = logging.getLogger(__name__)
 
 PROMPTS = ["Once upon a time", "The little dog", "She opened the box and", "In the morning, the"]
 MAX_NEW_TOKENS = 32
-VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 class CheckError(UserError):

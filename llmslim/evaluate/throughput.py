@@ -50,6 +50,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
+from ..cpu import VLLM_CPU_HEAD_DIMS
 from ..errors import UserError
 from ..progress import Progress
 from .worker import PROGRESS_PREFIX
@@ -57,7 +58,6 @@ from .worker import PROGRESS_PREFIX
 log = logging.getLogger(__name__)
 
 BACKENDS = ("vllm", "transformers")
-VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
 @dataclass(frozen=True)
