@@ -67,7 +67,7 @@ import resource  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from anchor_llmcompressor import RssSampler, dir_bytes, thin, tokens_sha256  # noqa: E402  (stdlib only)
+from anchor_llmcompressor import RssSampler, measurement_blocks, tokens_sha256  # noqa: E402  (stdlib only)
 
 
 def parse_args() -> argparse.Namespace:
@@ -299,24 +299,8 @@ def main() -> None:
             "save": round(t_save, 2),
             "total": round(t_total, 2),
         },
-        "memory_mib": {
-            "ru_maxrss": round(maxrss_mib, 1),
-            "sampled_peak": round(sampler.peak, 1),
-            "peak_by_phase": {k: round(v, 1) for k, v in sampler.peak_by_phase.items()},
-            "sample_interval_s": sampler.interval,
-            "curve": thin(sampler.curve, args.curve_every),  # [seconds, MiB, phase]
-        },
-        "host": {
-            "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        },
-        "output": {
-            "dir": str(args.out),
-            "bytes": dir_bytes(args.out),
-            "quantization_config": out_config.get("quantization_config"),
-        },
+        **measurement_blocks(sampler, maxrss_mib, args.curve_every, load_before, torch.get_num_threads(), args.out,
+                             out_config),
     }
     if dense_state is not None:
         t0 = time.perf_counter()

@@ -205,6 +205,31 @@ def tokens_sha256(tokens) -> str:
     return hashlib.sha256(tokens.contiguous().numpy().tobytes()).hexdigest()
 
 
+def measurement_blocks(sampler: RssSampler, maxrss_mib: float, curve_every: float, load_before: tuple,
+                       threads: int, out: Path, out_config: dict) -> dict:
+    """The memory, host and output blocks of an anchor's JSON (both anchors report them the same way)."""
+    return {
+        "memory_mib": {
+            "ru_maxrss": round(maxrss_mib, 1),
+            "sampled_peak": round(sampler.peak, 1),
+            "peak_by_phase": {k: round(v, 1) for k, v in sampler.peak_by_phase.items()},
+            "sample_interval_s": sampler.interval,
+            "curve": thin(sampler.curve, curve_every),  # [seconds, MiB, phase]
+        },
+        "host": {
+            "torch_threads": threads,
+            "cpu_count": os.cpu_count(),
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        },
+        "output": {
+            "dir": str(out),
+            "bytes": dir_bytes(out),
+            "quantization_config": out_config.get("quantization_config"),
+        },
+    }
+
+
 def save_dense(compressed: Path, out: Path) -> None:
     """The compressed export dequantized by this environment's compressed-tensors, as a plain checkpoint."""
     from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
@@ -400,24 +425,8 @@ def main() -> None:
             "save": round(t_save, 2),
             "total": round(t_total, 2),
         },
-        "memory_mib": {
-            "ru_maxrss": round(maxrss_mib, 1),
-            "sampled_peak": round(sampler.peak, 1),
-            "peak_by_phase": {k: round(v, 1) for k, v in sampler.peak_by_phase.items()},
-            "sample_interval_s": sampler.interval,
-            "curve": thin(sampler.curve, args.curve_every),  # [seconds, MiB, phase]
-        },
-        "host": {
-            "torch_threads": torch.get_num_threads(),
-            "cpu_count": os.cpu_count(),
-            "loadavg_before": [round(x, 2) for x in load_before],
-            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
-        },
-        "output": {
-            "dir": str(args.out),
-            "bytes": dir_bytes(args.out),
-            "quantization_config": out_config.get("quantization_config"),
-        },
+        **measurement_blocks(sampler, maxrss_mib, args.curve_every, load_before, torch.get_num_threads(), args.out,
+                             out_config),
     }
     if args.dense_out is not None:
         t0 = time.perf_counter()
