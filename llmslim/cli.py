@@ -140,10 +140,29 @@ def cmd_validate(args: argparse.Namespace, console: Any, progress: Progress) -> 
     from .pipeline import Workspace, prepare
     from .recipe import load_recipe
 
+    if args.stand_in:
+        return _validate_stand_in(args, console)
     recipe = load_recipe(args.recipe, args.set)
     _, _, _, rows, _ = prepare(recipe, Workspace(recipe.spec.output), replace_output=args.replace_output)
     _stdout().print(plan_table(rows))
     console.print(f"{args.recipe}: valid, {len(recipe.stages)} stage(s)")
+    return 0
+
+
+def _validate_stand_in(args: argparse.Namespace, console: Any) -> int:
+    from .standin import describe, validate_stand_in
+
+    result = validate_stand_in(args.recipe, args.set)
+    out = _stdout()
+    out.print(f"model config: {result.config_source}")
+    out.print(f"  {describe(result.real_config)}")
+    out.print(plan_table(result.real_rows))
+    out.print(f"stand-in (tiny random weights, same architecture): {describe(result.stand_in_config)}")
+    out.print(plan_table(result.stand_in_rows))
+    if result.data_not_read:
+        out.print("data not read (validation never loads data): " + ", ".join(result.data_not_read))
+    console.print(f"{args.recipe}: valid on a stand-in of {result.real_config.model_type} (not the real weights), "
+                  f"{len(result.real_rows) - 1} stage(s); the first table is the plan for the real model")
     return 0
 
 
@@ -237,6 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("recipe")
     add_overrides(v)
     v.add_argument("--replace-output", action="store_true", help="as for run")
+    v.add_argument("--stand-in", action="store_true",
+                   help="for a model not on this machine: plan it from its config.json (local, the Hugging Face "
+                        "cache or bundled with llmslim) and validate the recipe on a tiny random model of the "
+                        "same architecture; offline")
     v.add_argument("--quiet", action="store_true")
     c = sub.add_parser("check", help="check an exported model in vLLM and transformers")
     c.add_argument("dir")

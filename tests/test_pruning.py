@@ -420,4 +420,4 @@ def test_minitron_recipe_validates_offline_on_a_stand_in(tmp_path):
     rc, out = run_cli("validate", str(MINITRON), *[a for o in overrides for a in ("--set", o)],
                       env={"HF_HUB_OFFLINE": "1"})
     assert rc == 0, out
-    assert "valid, 2 stage(s)" in out
+    assert "valid, 3 stage(s)" in out
