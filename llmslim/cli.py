@@ -1,7 +1,7 @@
-"""The `llmslim` command: run, validate, check, eval.
+"""The `llmslim` command: run, validate, check, eval, push.
 
 Exit codes: 0 done; 2 a user error or a refusal (one line each, no traceback), also for file-system
-errors (full disk, permissions); 3 the export was written but a measurement the recipe asked for failed;
+errors (full disk, permissions) and a failed push (the export is kept); 3 the export was written but a measurement the recipe asked for failed;
 130 interrupted (Ctrl-C), with a note on how to resume. Anything else is a bug and keeps its traceback.
 """
 
@@ -182,6 +182,10 @@ def cmd_run(args: argparse.Namespace, console: Any, progress: Progress) -> int:
         return 0
     out.print(summary_table(report))
     out.print(f"export: {report['output']}  (report: {report['output']}/llmslim_report.md)")
+    if report.get("push"):
+        pushed = report["push"]
+        out.print(f"pushed to {pushed['repo_url']}: " + (f"pull request {pushed['pr_url']}" if pushed.get("pr_url")
+                                                         else f"commit {pushed['commit_oid']}"))
     return 0
 
 
@@ -198,6 +202,18 @@ def cmd_check(args: argparse.Namespace, console: Any, progress: Progress) -> int
     with progress.track(f"checking {args.dir} ({args.backend})", None):
         result = check_export(path, args.backend)
     print(f"{args.dir}: {n} tensors match config.json; {result.detail}")
+    return 0
+
+
+def cmd_push(args: argparse.Namespace, console: Any, progress: Progress) -> int:
+    from .hub import PushRequest, push, summary_lines
+
+    if args.create_pr and args.revision:
+        raise UserError("--create-pr opens a pull request against main; drop --revision, or --create-pr")
+    req = PushRequest(args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
+                      create_pr=args.create_pr, exist_ok=args.exist_ok)
+    result = push(args.dir, req, dry_run=args.dry_run)
+    print("\n".join(summary_lines(result, args.dry_run)))
     return 0
 
 
@@ -303,6 +319,24 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--task-limit", type=int, help="examples per task (for quick looks; not comparable results)")
     g.add_argument("--num-fewshot", type=int)
     e.add_argument("--quiet", action="store_true")
+    h = sub.add_parser("push", help="upload an export and its model card to the Hugging Face Hub",
+                       description="Write the model card (README.md) into DIR and upload the export to REPO_ID. The "
+                       "token comes from HF_TOKEN or `hf auth login`. An existing repository is committed to only "
+                       "with --exist-ok, --revision or --create-pr. Rerunning after an interruption skips the files "
+                       "the Hub already has.")
+    h.add_argument("dir", help="an export written by `llmslim run`")
+    h.add_argument("repo_id", help="namespace/name on the Hub")
+    vis = h.add_mutually_exclusive_group()
+    vis.add_argument("--private", dest="private", action="store_true", default=True,
+                     help="create the repository private (the default; an existing one keeps its visibility)")
+    vis.add_argument("--public", dest="private", action="store_false", help="create the repository public")
+    h.add_argument("--revision", metavar="BRANCH", help="commit to this branch (created from main when missing)")
+    h.add_argument("--create-pr", action="store_true", help="open a pull request against main")
+    h.add_argument("--exist-ok", action="store_true", help="commit to main of a repository that already exists")
+    h.add_argument("--commit-message", metavar="TEXT", help="default: llmslim, the methods and the base model")
+    h.add_argument("--dry-run", action="store_true",
+                   help="write the card and list what would be uploaded; do not contact the Hub")
+    h.add_argument("--quiet", action="store_true")
     return p
 
 
@@ -313,7 +347,7 @@ def _error(console: Any, text: str) -> None:
         console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "check": cmd_check, "eval": cmd_eval}
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "check": cmd_check, "eval": cmd_eval, "push": cmd_push}
 
 
 def main(argv: list[str] | None = None) -> int:

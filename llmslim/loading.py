@@ -24,7 +24,8 @@ def download(repo_id: str, revision: str | None, safetensors_only: bool = True, 
     """A local snapshot of a Hub model (weights as safetensors unless `safetensors_only` is off)."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja"]
+    # README.md: the model card, whose license the card of a compressed export inherits (llmslim.card)
+    patterns = ["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt", "*.jinja", "README.md"]
     if not safetensors_only:
         patterns.append("*.bin")
     try:

@@ -6,7 +6,8 @@ after a kill anywhere continues from the last completed one (work files: see wor
 - each stage: its checkpoint is complete once renamed from `.tmp` and carries its own record
   (llmslim_stage.json), so a kill between the rename and the state update loses nothing; inside a stage,
   per-layer progress in its scratch directory (gptq, rtn);
-- the export's files, its check, its evaluation (publish.py), and the rename into place.
+- the export's files, its check, its evaluation (publish.py), and the rename into place;
+- the recipe's push to the Hub (hub.py; state.json `push` says where it went, never with the token).
 Only the latest completed stage's checkpoint is kept; a rerun whose latest checkpoint has gone missing
 redoes the stages after the latest one that is still there. A recipe whose stages changed is refused
 unless --fresh.
@@ -271,7 +272,7 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
     if report is not None:
         launch.announce(work, [])
         log.info("%s is up to date with this recipe; use --fresh to run it again", work.output)
-        return report
+        return _push(recipe, work, state, report)
     state["recipe"] = recipe.as_dict()
     if units := completed_units(work):
         log.info("resuming %s: done in earlier runs: %s", work.output, ", ".join(units))
@@ -342,7 +343,16 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
 
     report = export_and_report(recipe, work, src_dir, source, current, rows, state, data, dtype, progress,
                                replace_output=replace_output, full_hash=full_hash)
-    return report
+    return _push(recipe, work, state, report)
+
+
+def _push(recipe: Recipe, work: Workspace, state: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's push, reached only with the export in place, checked, and every measurement done."""
+    if recipe.spec.push is None:
+        return report
+    from .hub import push_after_run
+
+    return push_after_run(recipe.spec.push, work, state, report)
 
 
 def _follow(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, source: Checkpoint,

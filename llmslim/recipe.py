@@ -117,10 +117,39 @@ class EvalConfig(Strict):
 
 
 class PushConfig(Strict):
-    """Upload of the export to the Hugging Face Hub (implemented in a later release)."""
+    """Upload of the export and its model card to the Hugging Face Hub, at the end of a run whose export
+    was written and checked (as `llmslim push OUTPUT REPO_ID`). The token comes from HF_TOKEN or the cached
+    login (`hf auth login`); it is never written anywhere."""
 
     repo_id: str
+    """The Hub repository, `namespace/name` (e.g. `me/stories-slim`)."""
     private: bool = True
+    """Create the repository private (a repository that already exists keeps its visibility)."""
+    revision: str | None = None
+    """Commit to this branch (created from main when missing) instead of main; allows an existing repository."""
+    commit_message: str | None = None
+    """The commit message; null: one naming llmslim, the methods and the base model."""
+    create_pr: bool = False
+    """Open a pull request against main instead of committing to it; allows an existing repository."""
+    exist_ok: bool = False
+    """Commit to main of a repository that already exists (refused otherwise, so that an earlier model is not
+    overwritten by accident)."""
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, v: str) -> str:
+        from .hub import repo_id_problem
+
+        problem = repo_id_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @model_validator(mode="after")
+    def _pr_on_main(self) -> PushConfig:
+        if self.create_pr and self.revision is not None:
+            raise ValueError("create_pr opens a pull request against main; remove revision, or create_pr")
+        return self
 
 
 class RecipeModel(Strict):
@@ -156,7 +185,7 @@ class RecipeModel(Strict):
     eval: EvalConfig = EvalConfig()
     """What is measured before and after (see `eval`)."""
     push: PushConfig | None = None
-    """Upload to the Hugging Face Hub (comes in a later release; refused for now)."""
+    """Upload the export and its model card to the Hugging Face Hub after a successful run (see `push`)."""
 
     @field_validator("device")
     @classmethod
@@ -443,9 +472,6 @@ def parse_recipe(text: str, filename: str = "recipe.yaml", overrides: list[str] 
                 problems.append(f"{_where(filename, lines, path)}: {_fmt_path(path)}: no data source named "
                                 f"{name!r}{_did_you_mean(name, data_names)}; defined under data: "
                                 f"{', '.join(data_names) or '(none)'}")
-        if spec.push is not None:
-            problems.append(f"{_where(filename, lines, ('push',))}: push: uploading to the Hub comes in a "
-                            "later release; remove the push section for now")
     if problems:
         raise RecipeError(problems)
     assert spec is not None

@@ -135,7 +135,11 @@ def foreign_entries(export: Path) -> list[str]:
         listed = set(report["export"]["files"])
     except (OSError, ValueError, KeyError, TypeError):
         return sorted(p.name for p in export.iterdir() if p.name != REPORT)
+    from .card import CARD, is_own_card  # (card imports this module)
+
     listed |= {REPORT, "llmslim_report.md"}
+    if is_own_card(export / CARD):  # the model card `llmslim push` wrote into the export
+        listed.add(CARD)
     return sorted(p.name for p in export.iterdir() if p.name not in listed)
 
 

