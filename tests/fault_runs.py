@@ -33,22 +33,23 @@ EVIDENCE = {  # unit of work -> what a rerun that reuses it logs
 
 
 def llmslim_run(recipe: Path, *extra: str, crash_at: str | None = None, kill_after: float | None = None,
-                timeout: float = 900, fork: bool = True) -> tuple[int, str]:
+                timeout: float = 900, fork: bool = True, cwd: Path | None = None) -> tuple[int, str]:
     """Run `llmslim run RECIPE --quiet` in a child process (its own session, so vLLM's engine dies with it);
     crash it at a named point, or SIGKILL it after `kill_after` seconds. Returns (exit code, output).
-    fork: a child of tests/cli_runner.py's forkserver (starts in milliseconds); else `python -m llmslim.cli`."""
+    fork: a child of tests/cli_runner.py's forkserver (starts in milliseconds); else `python -m llmslim.cli`.
+    cwd: the directory it runs in (where the recipe's relative paths point)."""
     if fork:
         from cli_runner import run_cli
 
         return run_cli("run", str(recipe), "--quiet", *extra, env={"LLMSLIM_CRASH_AT": crash_at},
-                       kill_after=kill_after, timeout=timeout)
+                       kill_after=kill_after, timeout=timeout, cwd=cwd)
     env = dict(os.environ)
     env.pop("LLMSLIM_CRASH_AT", None)
     if crash_at:
         env["LLMSLIM_CRASH_AT"] = crash_at
     proc = subprocess.Popen([sys.executable, "-m", "llmslim.cli", "run", str(recipe), "--quiet", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                            start_new_session=True)
+                            start_new_session=True, cwd=cwd)
     try:
         out = proc.communicate(timeout=kill_after if kill_after is not None else timeout)[0]
     except subprocess.TimeoutExpired:

@@ -1,17 +1,20 @@
-"""Kill anywhere, lose nothing: a three-stage recipe with a vLLM check and a final evaluation, killed with
-SIGKILL at every phase boundary (named crash points, llmslim/faults.py) and at random moments, rerun after
-each kill. Every rerun must resume from the last completed unit of work, and the final export must be
-byte-identical to an uninterrupted run's (eval/bench_faults.py does the same at many more moments)."""
+"""Kill anywhere, lose nothing: the README's demo command as written (`llmslim run recipes/demo.yaml`: three
+stages, a vLLM check, evaluations before and after), from a copy of a clone's root, killed with SIGKILL at
+every phase boundary (named crash points, llmslim/faults.py) and at random moments, rerun after each kill.
+Every rerun must resume from the last completed unit of work, and the final export must be byte-identical
+to an uninterrupted run's (eval/bench_faults.py does the same at many more moments)."""
 
 from __future__ import annotations
 
 import random
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import REFERENCE, REPO
 from fault_runs import export_differences, llmslim_run, missing_reuse
 from tiny_models import sample_text
 
@@ -53,42 +56,47 @@ CHAIN = ["eval.before", "stage.written", "stage.renamed", "stage.recorded", "gpt
          "export.weights", "export.written", "check.done", "eval.after", "finalize.done"]
 
 
-def test_killed_anywhere_a_run_resumes_and_ends_byte_identical(tiny_tok, tmp_path):
-    model = tiny_tok("llama")
-    rc, out = llmslim_run(write_recipe(tmp_path / "uninterrupted", model))
+def clone_root(root: Path) -> Path:
+    """What the demo command reads, laid out as in a fresh clone's root (its paths are relative to it)."""
+    shutil.copytree(REPO / "recipes", root / "recipes")
+    shutil.copytree(REFERENCE, root / "llmslim" / "assets" / "reference")
+    return root
+
+
+DEMO = Path("recipes/demo.yaml")  # the README's first command: llmslim run recipes/demo.yaml
+
+
+def test_killed_anywhere_the_demo_resumes_and_ends_byte_identical(tmp_path):
+    uninterrupted = clone_root(tmp_path / "uninterrupted")
+    rc, out = llmslim_run(DEMO, cwd=uninterrupted)
     assert rc == 0, out[-3000:]
+    expected = uninterrupted / "runs" / "demo"
 
     # every phase boundary, in the order a run reaches them: each rerun is killed at the next one
-    recipe = write_recipe(tmp_path / "killed", model)
-    work = Workspace(tmp_path / "killed" / "out")
+    root = clone_root(tmp_path / "killed")
+    work = Workspace(root / "runs" / "demo")
     for point in CHAIN:
         units = completed_units(work)
-        rc, out = llmslim_run(recipe, crash_at=point)
+        rc, out = llmslim_run(DEMO, cwd=root, crash_at=point)
         assert rc == -signal.SIGKILL, f"{point} was not reached: {out[-3000:]}"
         assert_resumed(units, out)
         assert "exported" in completed_units(work) or not work.output.exists()  # nothing finished-looking
     units = completed_units(work)
     assert "exported" in units
-    rc, out = llmslim_run(recipe)
+    rc, out = llmslim_run(DEMO, cwd=root)
     assert rc == 0 and "is up to date with this recipe" in out, out[-3000:]
-    assert_same_export(tmp_path / "uninterrupted" / "out", work.output)
+    assert_same_export(expected, work.output)
 
-    # random moments (inside stage work, the vLLM engine, file writes): killed after a random time, rerun
-    rng = random.Random(0)
-    recipe = write_recipe(tmp_path / "random", model)
-    work = Workspace(tmp_path / "random" / "out")
-    for _ in range(2):
-        units = completed_units(work)
-        rc, out = llmslim_run(recipe, kill_after=rng.uniform(1.0, 30.0))
-        if rc == 0:  # it finished before its kill (a killed run may not have logged its start yet)
-            assert_resumed(units, out)
-            break
-        assert rc == -signal.SIGKILL, out[-3000:]
+    # a random moment (inside stage work, the vLLM engine, file writes): killed after a random time, rerun
+    root = clone_root(tmp_path / "random")
+    work = Workspace(root / "runs" / "demo")
+    rc, out = llmslim_run(DEMO, cwd=root, kill_after=random.Random(0).uniform(5.0, 40.0))
+    assert rc in (0, -signal.SIGKILL), out[-3000:]
     units = completed_units(work)
-    rc, out = llmslim_run(recipe)
+    rc, out = llmslim_run(DEMO, cwd=root)
     assert rc == 0, out[-3000:]
     assert_resumed(units, out)
-    assert_same_export(tmp_path / "uninterrupted" / "out", work.output)
+    assert_same_export(expected, work.output)
 
 
 def test_a_kill_while_replacing_an_export_restores_the_old_one(tiny_tok, tmp_path):

@@ -1,6 +1,7 @@
 """Every command in the README works as written: each `bash` block's commands are extracted; the
 programs they name exist, llmslim's own arguments parse, benchmark and script flags exist, and the cheap
-commands (validation, dry runs, the demo) run for real from a copy of the repo's root."""
+commands (validation, dry runs) run for real from a copy of the repo's root; the demo command runs as
+written in tests/test_faults.py (killed at every phase boundary, and uninterrupted)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 from cli_runner import run_cli
@@ -105,15 +105,3 @@ def test_cheap_readme_command_runs(command, tmp_path):
     rc, out = run_cli(*argv, cwd=tmp_path, env={"HF_HUB_OFFLINE": "1"})
     assert rc == 0, f"{command}\n{out}"
 
-
-def test_demo_runs_as_written(tmp_path):
-    """The README's first command, after set-up: the demo recipe end to end (stages, export, vLLM check,
-    perplexity before and after), from a copy of the clone's root."""
-    demo = shlex.split(readme_commands()[1])
-    assert demo[0] == ".venv/bin/llmslim" and demo[1] == "run", demo
-    for name in ("recipes", "llmslim"):
-        shutil.copytree(REPO / name, tmp_path / name, ignore=shutil.ignore_patterns("__pycache__"))
-    rc, out = run_cli(*demo[1:], "--quiet", cwd=tmp_path)
-    assert rc == 0, out
-    report = Path(tmp_path / "runs" / "demo" / "llmslim_report.json")
-    assert report.is_file(), out
