@@ -1,8 +1,10 @@
-"""The `llmslim` command: run, validate, check, eval, push.
+"""The `llmslim` command: run, validate, check, eval, serve, push.
 
 Exit codes: 0 done; 2 a user error or a refusal (one line each, no traceback), also for file-system
-errors (full disk, permissions) and a failed push (the export is kept); 3 the export was written but a measurement the recipe asked for failed;
-130 interrupted (Ctrl-C), with a note on how to resume. Anything else is a bug and keeps its traceback.
+errors (full disk, permissions) and a failed push (the export is kept); 3 the export was written but a
+measurement the recipe asked for failed; 130 interrupted (Ctrl-C), with a note on how to resume. `serve`:
+0 stopped by SIGTERM, 130 by Ctrl-C, 1 the server died (the end of its log in one line). Anything else is
+a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -251,6 +253,17 @@ def cmd_eval(args: argparse.Namespace, console: Any, progress: Progress) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace, console: Any, progress: Progress) -> int:
+    from .serve import serve
+
+    def say(text: str) -> None:
+        print(text, flush=True)
+
+    return serve(args.model, host=args.host, port=args.port, max_model_len=args.max_model_len,
+                 kv_cache_gib=args.kv_cache_gib, served_model_name=args.served_model_name, extra=args.extra,
+                 dry_run=args.dry_run, say=say)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="llmslim", description="Compress LLMs with one YAML recipe; export for vLLM.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -337,6 +350,23 @@ def build_parser() -> argparse.ArgumentParser:
     h.add_argument("--dry-run", action="store_true",
                    help="write the card and list what would be uploaded; do not contact the Hub")
     h.add_argument("--quiet", action="store_true")
+    s = sub.add_parser("serve", help="serve a model with vLLM's OpenAI-compatible server (GPU or CPU)",
+                       usage="llmslim serve MODEL [options] [-- extra vLLM server arguments]",
+                       description="Start vLLM's OpenAI-compatible server for MODEL with the flags it needs on this "
+                       "machine (dtype, max model length, CPU KV cache), print its URL once it answers, and stop it "
+                       "(with its engine processes) on Ctrl-C or SIGTERM. Refuses, before starting anything, "
+                       "what vLLM cannot serve here. Arguments after `--` go to vLLM's server unchanged.")
+    s.add_argument("model", help="export directory (with config.json) or Hugging Face Hub id")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; 0.0.0.0: every interface)")
+    s.add_argument("--port", type=int, default=8000, help="default 8000")
+    s.add_argument("--max-model-len", type=int, metavar="N", help="longest prompt + completion in tokens (default: "
+                   "the model's context, at most 8192)")
+    s.add_argument("--kv-cache-gib", type=float, metavar="G", help="KV cache size in GiB (default on CPU: room for 4 "
+                   "sequences of --max-model-len; on a GPU: vLLM's own sizing)")
+    s.add_argument("--served-model-name", metavar="NAME", help="the `model` clients ask for (default: MODEL)")
+    s.add_argument("--dry-run", action="store_true", help="print the server command and exit")
+    s.add_argument("--quiet", action="store_true")
     return p
 
 
@@ -347,11 +377,25 @@ def _error(console: Any, text: str) -> None:
         console.print(f"[bold red]error:[/] {escape(line)}", highlight=False, soft_wrap=True)
 
 
-COMMANDS = {"run": cmd_run, "validate": cmd_validate, "check": cmd_check, "eval": cmd_eval, "push": cmd_push}
+COMMANDS = {"run": cmd_run, "validate": cmd_validate, "check": cmd_check, "eval": cmd_eval, "serve": cmd_serve,
+            "push": cmd_push}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """argparse, with everything after the first `--` kept apart as `extra` (vLLM's own flags for `serve`):
+    argparse cannot take option-like words after a positional in a list of its own."""
+    words = list(sys.argv[1:] if argv is None else argv)
+    extra = words[words.index("--") + 1:] if "--" in words else []
+    parser = build_parser()
+    args = parser.parse_args(words[: len(words) - len(extra) - 1] if "--" in words else words)
+    if extra and args.command != "serve":
+        parser.error(f"arguments after `--` ({' '.join(extra)}) are for `llmslim serve` only")
+    args.extra = extra
+    return args
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     console, progress = _setup(args.quiet)
     try:
         return COMMANDS[args.command](args, console, progress)

