@@ -4,8 +4,6 @@ servers started, queried with the `openai` client, compared with transformers an
 from __future__ import annotations
 
 import json
-import os
-import signal
 import socket
 import sys
 import time
