@@ -208,12 +208,15 @@ def cmd_check(args: argparse.Namespace, console: Any, progress: Progress) -> int
 
 
 def cmd_push(args: argparse.Namespace, console: Any, progress: Progress) -> int:
-    from .hub import PushRequest, push, summary_lines
+    from .hub import push, summary_lines
+    from .recipe import PushConfig
 
     if args.create_pr and args.revision:
         raise UserError("--create-pr opens a pull request against main; drop --revision, or --create-pr")
-    req = PushRequest(args.repo_id, private=args.private, revision=args.revision, commit_message=args.commit_message,
-                      create_pr=args.create_pr, exist_ok=args.exist_ok)
+    # unvalidated: push() checks the repository id and says which argument is wrong in one line
+    req = PushConfig.model_construct(repo_id=args.repo_id, private=args.private, revision=args.revision,
+                                     commit_message=args.commit_message, create_pr=args.create_pr,
+                                     exist_ok=args.exist_ok)
     result = push(args.dir, req, dry_run=args.dry_run)
     print("\n".join(summary_lines(result, args.dry_run)))
     return 0

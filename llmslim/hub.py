@@ -30,14 +30,17 @@ import os
 import re
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .card import CARD, is_own_card, write_card
 from .errors import UserError
 from .report import human_bytes
 from .workspace import REPORT, Workspace
+
+if TYPE_CHECKING:
+    from .recipe import PushConfig
 
 log = logging.getLogger(__name__)
 
@@ -58,30 +61,19 @@ def repo_id_problem(repo_id: str) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class PushRequest:
-    """Where and how to push (the recipe's `push:` section, or `llmslim push`'s arguments)."""
+def may_exist(req: PushConfig) -> bool:
+    """Whether the repository may already exist (the push then commits to it as asked)."""
+    return req.exist_ok or req.revision is not None or req.create_pr
 
-    repo_id: str
-    private: bool = True
-    revision: str | None = None
-    commit_message: str | None = None
-    create_pr: bool = False
-    exist_ok: bool = False
 
-    @property
-    def may_exist(self) -> bool:
-        """Whether the repository may already exist (the push then commits to it as asked)."""
-        return self.exist_ok or self.revision is not None or self.create_pr
-
-    def retry_command(self, export: Path, exists: bool) -> str:
-        """The `llmslim push` command that retries this push (`exists`: the repository exists by now)."""
-        flags = ([] if self.private else ["--public"]) + (["--revision", self.revision] if self.revision else [])
-        flags += ["--create-pr"] if self.create_pr else []
-        if self.exist_ok or (exists and not self.may_exist):  # the repository this push created is there now
-            flags.append("--exist-ok")
-        flags += ["--commit-message", self.commit_message] if self.commit_message else []
-        return shlex.join(["llmslim", "push", str(export), self.repo_id, *flags])
+def retry_command(req: PushConfig, export: Path, exists: bool) -> str:
+    """The `llmslim push` command that retries this push (`exists`: the repository exists by now)."""
+    flags = ([] if req.private else ["--public"]) + (["--revision", req.revision] if req.revision else [])
+    flags += ["--create-pr"] if req.create_pr else []
+    if req.exist_ok or (exists and not may_exist(req)):  # the repository this push created is there now
+        flags.append("--exist-ok")
+    flags += ["--commit-message", req.commit_message] if req.commit_message else []
+    return shlex.join(["llmslim", "push", str(export), req.repo_id, *flags])
 
 
 @dataclass
@@ -150,7 +142,7 @@ def default_commit_message(report: dict[str, Any]) -> str:
     return f"llmslim: {methods} of {Path(report['model']).name if Path(report['model']).exists() else report['model']}"
 
 
-def push(export: str | Path, req: PushRequest, *, dry_run: bool = False,
+def push(export: str | Path, req: PushConfig, *, dry_run: bool = False,
          on_repo_created: Callable[[], None] | None = None) -> PushResult:
     """Write the card into `export` and upload the export to `req.repo_id` (dry run: only the card, and the
     list of what would be uploaded; the Hub is not contacted). `on_repo_created` runs once the repository
@@ -169,14 +161,14 @@ def push(export: str | Path, req: PushRequest, *, dry_run: bool = False,
 
     if get_token() is None:  # asked only whether there is one: the token itself stays in huggingface_hub
         raise PushError("no Hugging Face token: set HF_TOKEN to a token with write access, or log in with "
-                        f"`hf auth login`, then run: {req.retry_command(export, exists=False)}")
+                        f"`hf auth login`, then run: {retry_command(req, export, exists=False)}")
     # HF_ENDPOINT read now, not when huggingface_hub was imported (a process forked after that import,
     # e.g. a server or a test harness, would otherwise keep the value of its parent)
     api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, library_name="llmslim", library_version=_version())
     exists = False
     try:
-        url = api.create_repo(req.repo_id, private=req.private, exist_ok=req.may_exist)
-        exists, result.repo_url, result.created_repo = True, str(url), not req.may_exist
+        url = api.create_repo(req.repo_id, private=req.private, exist_ok=may_exist(req))
+        exists, result.repo_url, result.created_repo = True, str(url), not may_exist(req)
         if result.created_repo and on_repo_created:
             on_repo_created()
         if req.revision:
@@ -186,7 +178,7 @@ def push(export: str | Path, req: PushRequest, *, dry_run: bool = False,
                                       revision=req.revision, create_pr=req.create_pr)
     except KeyboardInterrupt:
         if exists:  # the CLI's "rerun the same command" would meet the repository this push created
-            log.warning("push interrupted; to resume: %s", req.retry_command(export, exists))
+            log.warning("push interrupted; to resume: %s", retry_command(req, export, exists))
         raise
     except Exception as e:  # every failure becomes one line; the export is kept
         raise hub_error(e, req, export, exists, api.endpoint) from None
@@ -229,9 +221,9 @@ def _network_error(e: BaseException) -> BaseException | None:
     return None
 
 
-def hub_error(e: BaseException, req: PushRequest, export: Path, exists: bool, endpoint: str) -> PushError:
+def hub_error(e: BaseException, req: PushConfig, export: Path, exists: bool, endpoint: str) -> PushError:
     """One line for a failed push: what the Hub said, what to do, and the command that retries."""
-    retry = f"the export at {export} is kept; retry with: {req.retry_command(export, exists)}"
+    retry = f"the export at {export} is kept; retry with: {retry_command(req, export, exists)}"
     repo = req.repo_id + (f" (branch {req.revision})" if req.revision else "")
     http = _http_error(e)
     if http is None:
@@ -285,12 +277,11 @@ def summary_lines(result: PushResult, dry_run: bool) -> list[str]:
     return [f"pushed {total} to {result.repo_url}: {where}", *lines]
 
 
-def push_after_run(spec: Any, work: Workspace, state: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
+def push_after_run(req: PushConfig, work: Workspace, state: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:
     """The recipe's `push:` (a PushConfig), once the export is in place and checked. state.json records
     where it went (repository, branch, commit; never the token), so rerunning the recipe pushes again only
     when the last push of this export did not complete, and reuses the repository an earlier attempt
     created (which is not somebody else's model)."""
-    req = PushRequest(**spec.model_dump())
     target = {"repo_id": req.repo_id, "revision": req.revision, "create_pr": req.create_pr,
               "export": report.get("recipe_full_hash")}
     record = state.get("push") or {}
@@ -299,7 +290,7 @@ def push_after_run(spec: Any, work: Workspace, state: dict[str, Any], report: di
         return {**report, "push": record}
     created = record.get("created_repo")
     if created == req.repo_id:
-        req = replace(req, exist_ok=True)
+        req = req.model_copy(update={"exist_ok": True})
 
     def remember_created() -> None:
         state["push"] = {"target": target, "created_repo": req.repo_id}

@@ -21,9 +21,9 @@ from tiny_models import tiny_recipe
 
 from llmslim.card import MARKER, base_model_relation, build_card, card_tags
 from llmslim.errors import RecipeError, UserError
-from llmslim.hub import PushError, PushRequest, checked_report, export_files, push
+from llmslim.hub import PushError, checked_report, export_files, push
 from llmslim.pipeline import run
-from llmslim.recipe import parse_recipe
+from llmslim.recipe import PushConfig, parse_recipe
 
 TOKEN = "hf_llmslimTestToken0123456789abcdef"
 
@@ -244,7 +244,7 @@ def test_refuses_an_export_whose_check_failed_or_that_is_not_an_export(copy, hub
 def test_a_readme_llmslim_did_not_write_is_kept(copy):
     (copy / "README.md").write_text("my own notes")
     with pytest.raises(UserError, match="README.md llmslim did not write; llmslim will not replace it"):
-        push(copy, PushRequest("me/tiny"), dry_run=True)
+        push(copy, PushConfig(repo_id="me/tiny"), dry_run=True)
     assert (copy / "README.md").read_text() == "my own notes"
 
 
@@ -253,7 +253,7 @@ def test_the_card_counts_as_llmslim_s_own_file_in_the_export(copy):
     somebody else put there."""
     from llmslim.workspace import output_problem
 
-    push(copy, PushRequest("me/tiny"), dry_run=True)
+    push(copy, PushConfig(repo_id="me/tiny"), dry_run=True)
     assert output_problem(copy) is None
     (copy / "README.md").write_text("my own notes")
     assert "files llmslim did not write (README.md)" in (output_problem(copy) or "")
@@ -264,7 +264,7 @@ def test_no_token_is_one_line_and_no_request(copy, hub_env, monkeypatch, tmp_pat
     monkeypatch.delenv("HF_TOKEN")
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     with pytest.raises(PushError, match=r"no Hugging Face token: set HF_TOKEN .* `hf auth login`"):
-        push(copy, PushRequest("me/tiny"))
+        push(copy, PushConfig(repo_id="me/tiny"))
     assert hub.requests == []
 
 
@@ -296,7 +296,7 @@ def test_branch_and_pull_request_leave_main_alone(copy, hub_env, no_xet, caplog,
     caplog.set_level(logging.DEBUG)
     hub, _ = hub_env()
     hub.add_repo("me/old", {"README.md": b"the earlier model"})
-    push(copy, PushRequest("me/old", private=False, revision="slim", commit_message="a smaller one"))
+    push(copy, PushConfig(repo_id="me/old", private=False, revision="slim", commit_message="a smaller one"))
     assert hub.repos["me/old"].refs["main"] == {"README.md": {"content": b"the earlier model",
                                                              "oid": hub.repos["me/old"].refs["main"]["README.md"]["oid"],
                                                              "lfs": False}}
@@ -305,10 +305,10 @@ def test_branch_and_pull_request_leave_main_alone(copy, hub_env, no_xet, caplog,
     assert all(hub.repos["me/old"].refs["slim"][f]["lfs"] for f in hub.repos["me/old"].refs["slim"]
                if f.endswith(".safetensors"))
 
-    result = push(copy, PushRequest("me/old", create_pr=True))
+    result = push(copy, PushConfig(repo_id="me/old", create_pr=True))
     assert result.pr_url and hub.repos["me/old"].commits[-1]["ref"] == "refs/pr/1"
     assert list(hub.repos["me/old"].refs["main"]) == ["README.md"]
-    push(copy, PushRequest("me/new", private=False))
+    push(copy, PushConfig(repo_id="me/new", private=False))
     assert hub.seen("POST", "/api/repos/create$")[-1].json()["visibility"] == "public"
     out, err = capfd.readouterr()
     token_only_in_authorization(hub, out, err, *[r.getMessage() for r in caplog.records], root=copy)
@@ -324,7 +324,7 @@ def test_rerun_after_an_interrupted_upload_sends_only_what_is_missing(copy, hub_
     failing = hashlib.sha256(shards[1].read_bytes()).hexdigest()
     hub.fail("PUT", f"/lfs-upload/{failing}$", 403, "Request has expired", times=1)
     with pytest.raises(PushError) as e:
-        push(copy, PushRequest("me/tiny"))
+        push(copy, PushConfig(repo_id="me/tiny"))
     message = str(e.value)
     assert "\n" not in message and "HTTP 403" in message and "export at" in message
     assert message.endswith(f"retry with: llmslim push {copy} me/tiny --exist-ok")
@@ -334,13 +334,13 @@ def test_rerun_after_an_interrupted_upload_sends_only_what_is_missing(copy, hub_
     assert stored == set(oid) - {failing}
 
     n = len(hub.requests)
-    push(copy, PushRequest("me/tiny", exist_ok=True))
+    push(copy, PushConfig(repo_id="me/tiny", exist_ok=True))
     second = [r.path.rsplit("/", 1)[1] for r in hub.requests[n:] if r.method == "PUT"]
     assert second == [failing]  # only the shard that had not arrived
     assert_repo_holds_export(hub, "me/tiny", copy)
 
     n = len(hub.requests)
-    push(copy, PushRequest("me/tiny", exist_ok=True))
+    push(copy, PushConfig(repo_id="me/tiny", exist_ok=True))
     assert not [r for r in hub.requests[n:] if r.method == "PUT" or "/commit/" in r.path]
     assert len(hub.repos["me/tiny"].commits) == 1
 
