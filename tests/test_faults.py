@@ -1,12 +1,12 @@
 """Kill anywhere, lose nothing: the README's demo command as written (`llmslim run recipes/demo.yaml`: three
 stages, a vLLM check, evaluations before and after), from a copy of a clone's root, killed with SIGKILL at
-every phase boundary (named crash points, llmslim/faults.py) and at random moments, rerun after each kill.
-Every rerun must resume from the last completed unit of work, and the final export must be byte-identical
-to an uninterrupted run's (eval/bench_faults.py does the same at many more moments)."""
+every phase boundary (named crash points, llmslim/faults.py), rerun after each kill. Every rerun must
+resume from the last completed unit of work, and the final export must be byte-identical to an
+uninterrupted run's. eval/bench_faults.py kills the same chain at random moments too (inside stage work,
+the vLLM engine, file writes): a whole demo run per kill, too slow for every CI run."""
 
 from __future__ import annotations
 
-import random
 import shutil
 import signal
 import time
@@ -85,17 +85,6 @@ def test_killed_anywhere_the_demo_resumes_and_ends_byte_identical(tmp_path):
     assert "exported" in units
     rc, out = llmslim_run(DEMO, cwd=root)
     assert rc == 0 and "is up to date with this recipe" in out, out[-3000:]
-    assert_same_export(expected, work.output)
-
-    # a random moment (inside stage work, the vLLM engine, file writes): killed after a random time, rerun
-    root = clone_root(tmp_path / "random")
-    work = Workspace(root / "runs" / "demo")
-    rc, out = llmslim_run(DEMO, cwd=root, kill_after=random.Random(0).uniform(5.0, 40.0))
-    assert rc in (0, -signal.SIGKILL), out[-3000:]
-    units = completed_units(work)
-    rc, out = llmslim_run(DEMO, cwd=root)
-    assert rc == 0, out[-3000:]
-    assert_resumed(units, out)
     assert_same_export(expected, work.output)
 
 

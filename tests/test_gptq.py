@@ -259,7 +259,7 @@ def test_gptq_beats_rtn_on_the_reference_model(tmp_path):
 @pytest.mark.vllm
 def test_w8a8_serves_in_vllm_and_w4a16_loads(tiny_tok, tmp_path):
     """W8A8 runs on vLLM's CPU int8 kernels: same greedy tokens as transformers (int8 activations emulated).
-    W4A16 runs where vLLM's AVX-512 kernel library loads (bf16 activations, near-tie tolerant check), and
+    W4A16 (tied embeddings) runs where vLLM's AVX-512 kernel library loads (bf16 activations, near-tie tolerant check), and
     elsewhere loads and is reported as not runnable here."""
     from llmslim.check import check_exports
 
@@ -268,7 +268,9 @@ def test_w8a8_serves_in_vllm_and_w4a16_loads(tiny_tok, tmp_path):
                               ("w8a8-qwen3", "qwen3", gptq(bits=8, group_size=-1, activation_bits=8)),
                               ("w4a16-qwen2", "qwen2", gptq(bits=4, group_size=32))):
         (tmp_path / name).mkdir()
-        report = run(parse_recipe(make_recipe(tmp_path / name, tiny_tok(arch), [stage])))
+        # the W4A16 model has tied embeddings: lm_head stays unquantized and shares the embedding's tensor
+        model = tiny_tok(arch, tied=name.startswith("w4a16"))
+        report = run(parse_recipe(make_recipe(tmp_path / name, model, [stage])))
         outs.append(report["output"])
     results = check_exports(outs, "vllm")
     from llmslim.check import vllm_run_for
