@@ -73,11 +73,9 @@ class Checkpoint:
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the checkpoint declares (config `dtype`), else that of its first float tensor."""
-        declared = getattr(self.config, "dtype", None)
-        if isinstance(declared, torch.dtype):
+        declared = declared_dtype(self.config)
+        if declared is not None:
             return declared
-        if isinstance(declared, str) and declared in DTYPES:
-            return DTYPES[declared]
         for name in self._files:
             t = self.read([name])[name]
             if t.is_floating_point():
@@ -198,6 +196,14 @@ class LazyModel:
 
 def _is_tied_head(name: str, config: PretrainedConfig) -> bool:
     return name == "lm_head.weight" and bool(getattr(config, "tie_word_embeddings", False))
+
+
+def declared_dtype(config: PretrainedConfig) -> torch.dtype | None:
+    """The dtype a config declares (`dtype`, as a torch dtype or its name), or None."""
+    declared = getattr(config, "dtype", None)
+    if isinstance(declared, torch.dtype):
+        return declared
+    return DTYPES.get(declared) if isinstance(declared, str) else None
 
 
 def copy_config(config: PretrainedConfig, dtype: torch.dtype) -> PretrainedConfig:

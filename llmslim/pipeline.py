@@ -89,8 +89,9 @@ def resolve_source(recipe: Recipe, work: Workspace) -> Path:
 # ---------------------------------------------------------------- dtypes and devices
 
 
-def working_dtype(recipe: Recipe, source: Checkpoint) -> torch.dtype:
-    return source.dtype if recipe.spec.dtype == "auto" else DTYPES[recipe.spec.dtype]
+def working_dtype(recipe: Recipe, source_dtype: torch.dtype) -> torch.dtype:
+    """The recipe's dtype, or with `auto` the source model's."""
+    return source_dtype if recipe.spec.dtype == "auto" else DTYPES[recipe.spec.dtype]
 
 
 def compute_dtype(recipe: Recipe, dtype: torch.dtype, device: torch.device) -> torch.dtype:
@@ -135,7 +136,7 @@ def prepare(recipe: Recipe, work: Workspace, *, replace_output: bool = False
         verify_shapes(src_dir, allow_extra=True)
     except UserError as e:
         raise UserError(f"model: {e}") from None
-    state = PlanState(source.config, source.adapter, working_dtype(recipe, source), source_dir=src_dir)
+    state = PlanState(source.config, source.adapter, working_dtype(recipe, source.dtype), source_dir=src_dir)
     rows, states = make_plan(recipe, state)
     for name, src in recipe.spec.data.items():
         if src.path is not None and not Path(src.path).is_file():

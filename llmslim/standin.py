@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig, PretrainedConfig
 
 from .adapters import Adapter
-from .checkpoint import DTYPES
+from .checkpoint import declared_dtype
 from .errors import UserError
 from .loading import looks_like_hub_id
 from .plan import PlanRow, PlanState, make_plan
@@ -68,19 +68,16 @@ def load_config(path: Path) -> PretrainedConfig:
         raise UserError(f"{path}: not a readable config.json: {e}") from None
 
 
-def working_dtype(recipe: Recipe, config: PretrainedConfig) -> torch.dtype:
-    """The recipe's dtype, or with `auto` the one the config declares (float32 when it declares none)."""
-    if recipe.spec.dtype != "auto":
-        return DTYPES[recipe.spec.dtype]
-    declared = getattr(config, "dtype", None)
-    if isinstance(declared, torch.dtype):
-        return declared
-    return DTYPES.get(str(declared), torch.float32)
+def source_dtype(recipe: Recipe, config: PretrainedConfig) -> torch.dtype:
+    """What the run would work in (pipeline.working_dtype), from the config alone: float32 when it declares none."""
+    from .pipeline import working_dtype
+
+    return working_dtype(recipe, declared_dtype(config) or torch.float32)
 
 
 def real_plan(recipe: Recipe, config: PretrainedConfig) -> list[PlanRow]:
     """The plan's rows on the real model's config: exact parameters and bytes, no weights."""
-    state = PlanState(config, Adapter.for_config(config, recipe.spec.model), working_dtype(recipe, config))
+    state = PlanState(config, Adapter.for_config(config, recipe.spec.model), source_dtype(recipe, config))
     return make_plan(recipe, state)[0]
 
 
@@ -163,7 +160,7 @@ def validate_stand_in(recipe_path: str, overrides: list[str]) -> StandInResult:
     rows = real_plan(recipe, config)
     small = stand_in_config(config)
     with tempfile.TemporaryDirectory(prefix="llmslim-stand-in-") as tmp:
-        model = save_stand_in(small, Path(tmp) / "model", working_dtype(recipe, config))
+        model = save_stand_in(small, Path(tmp) / "model", source_dtype(recipe, config))
         stand_in = load_recipe(recipe_path, [*overrides, f"model={model}", f"output={Path(tmp) / 'out'}"])
         small_rows = prepare(stand_in, Workspace(stand_in.spec.output))[3]
     hub_data = [f"{name} ({src.dataset})" for name, src in recipe.spec.data.items() if src.dataset is not None]

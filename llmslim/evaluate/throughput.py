@@ -53,6 +53,7 @@ from typing import Any
 from ..cpu import VLLM_CPU_HEAD_DIMS
 from ..errors import UserError
 from ..progress import Progress
+from ..serve import head_dim, text_config
 from .worker import PROGRESS_PREFIX
 
 log = logging.getLogger(__name__)
@@ -91,10 +92,6 @@ def _config(model_dir: Path) -> dict[str, Any]:
     return json.loads((model_dir / "config.json").read_text())
 
 
-def _text_config(cfg: dict[str, Any]) -> dict[str, Any]:
-    return cfg.get("text_config") or cfg
-
-
 def special_ids(model_dir: Path) -> list[int]:
     """Token ids that random prompts avoid: BOS/EOS/PAD from config.json and generation_config.json."""
     ids: set[int] = set()
@@ -102,7 +99,7 @@ def special_ids(model_dir: Path) -> list[int]:
         p = model_dir / name
         if not p.is_file():
             continue
-        cfg = _text_config(json.loads(p.read_text()))
+        cfg = text_config(json.loads(p.read_text()))
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             v = cfg.get(key)
             ids |= set(v) if isinstance(v, list) else ({v} if isinstance(v, int) else set())
@@ -127,7 +124,7 @@ def vllm_dtype(model_dir: Path, requested: str) -> tuple[str, str | None]:
 def cannot_run(model_dir: Path, backend: str, settings: ThroughputSettings, gpu: bool) -> str | None:
     """Why this backend cannot benchmark this model here (None when it can): checked up front, so a
     doomed engine start costs nothing."""
-    cfg = _text_config(_config(model_dir))
+    cfg = text_config(_config(model_dir))
     context = cfg.get("max_position_embeddings")
     need = settings.prompt_len + settings.gen_len
     if context and need > context:
@@ -135,15 +132,14 @@ def cannot_run(model_dir: Path, backend: str, settings: ThroughputSettings, gpu:
                 "--gen-len")
     if backend != "vllm":
         return None
-    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
-    if not gpu and head_dim not in VLLM_CPU_HEAD_DIMS:
-        return (f"head_dim {head_dim} is not supported by vLLM's CPU attention (supported: "
+    if not gpu and head_dim(cfg) not in VLLM_CPU_HEAD_DIMS:
+        return (f"head_dim {head_dim(cfg)} is not supported by vLLM's CPU attention (supported: "
                 f"{', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); use --backend transformers or a GPU")
     return vllm_dtype(model_dir, settings.dtype)[1]
 
 
 def make_job(model_dir: Path, backend: str, settings: ThroughputSettings, gpu: bool) -> dict[str, Any]:
-    cfg = _text_config(_config(model_dir))
+    cfg = text_config(_config(model_dir))
     dtype = vllm_dtype(model_dir, settings.dtype)[0] if backend == "vllm" else settings.dtype
     return {
         "backend": backend, "model": str(model_dir), "dtype": dtype,
