@@ -161,9 +161,11 @@ def run_ours(recipe: Path, output: Path, log: Path) -> dict[str, Any]:
 
 
 def run_anchor(model: Path, tokens: Path, token_hash: str, out: Path, bits: int, group_size: int, log: Path,
-               dense_out: Path | None = None, observer: str = "minmax", awq: bool = False) -> dict[str, Any]:
+               dense_out: Path | None = None, observer: str = "minmax", awq: bool = False,
+               extra: list[str] | None = None) -> dict[str, Any]:
     """llm-compressor's GPTQ (with `awq`: AWQ then GPTQ, one oneshot) in .venv-anchor on `tokens`. Layers whose
-    input width `group_size` does not divide stay unquantized (eval/anchor_llmcompressor.py, --non-divisible)."""
+    input width `group_size` does not divide stay unquantized (eval/anchor_llmcompressor.py, --non-divisible);
+    `extra`: more eval/anchor_llmcompressor.py flags (e.g. ["--dtype", "float32"])."""
     for old in filter(None, (out, dense_out)):
         shutil.rmtree(old, ignore_errors=True)
     report = out.with_name(out.name + ".json")
@@ -171,7 +173,7 @@ def run_anchor(model: Path, tokens: Path, token_hash: str, out: Path, bits: int,
            "--json", str(report), "--bits", str(bits), "--group-size", str(group_size), "--symmetric",
            "--act-order" if GPTQ["act_order"] else "--no-act-order", "--dampening", str(GPTQ["dampening"]),
            "--block-size", str(GPTQ["block_size"]), "--observer", observer] + (
-               ["--dense-out", str(dense_out)] if dense_out else []) + (["--awq"] if awq else [])
+               ["--dense-out", str(dense_out)] if dense_out else []) + (["--awq"] if awq else []) + list(extra or [])
     result = run_child(cmd, log)
     anchor = json.loads(report.read_text())
     seen = anchor["calibration"]["tokens_sha256"]

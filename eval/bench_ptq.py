@@ -2,20 +2,23 @@
 (issue [10]).
 
     scripts/setup_anchor.sh all              # once: .venv-anchor (llm-compressor 0.14), .venv-autoround (0.16)
-    .venv/bin/python eval/bench_ptq.py [--quick] [--iters 50]
+    .venv/bin/python eval/bench_ptq.py [--model stories|reference] [--quick] [--iters 50]
 
-stories260K, symmetric, calibrated on 128 x 512 tokens of the first half of
-../shared/data/tinystories/dev.txt (the very tokens handed to the anchor, SHA-256 checked), perplexity on
-the second half (512-token windows), every model measured here in .venv the same way. Rows: W3 and W4
-per channel, W4 g32 (32 does not divide the 172-wide down_proj: every tool keeps it unquantized there). Columns, ours: rtn and gptq with the minmax and mse
+--model stories (the default): stories260K, calibrated on 128 x 512 tokens of the first half of
+../shared/data/tinystories/dev.txt, perplexity on the second half (512-token windows). --model reference:
+the bundled reference model (llmslim/assets/reference, a 6-layer Llama, bf16 on disk, every tool working
+in float32), calibrated on 128 x 256 tokens of its calib.txt, perplexity on its eval.txt (256-token
+windows). The anchors get the very calibration tokens (SHA-256 checked); every model is measured here in
+.venv the same way; symmetric grids. Rows: W3 and W4 per channel, W4 g32 (on stories260K 32 does not
+divide the 172-wide down_proj: every tool keeps it unquantized there). Columns, ours: rtn and gptq with the minmax and mse
 observers, gptq mse with gptaq, awq then gptq mse, autoround (`--iters`, our default lr 1/iters);
 anchors: llm-compressor 0.14 GPTQ with its minmax and mse observers, its AWQ then GPTQ (mse), and
 auto-round 0.16 with its "light" preset (`--iters` 50, lr 5e-3; its default is 200 iterations, about 4x
 the time). act-order on for every GPTQ. Time (the quantization stages; the anchors' quantize call) and
 peak RSS of the whole process (GNU time) beside each.
 
-Prints a table and writes eval/results/bench_ptq.json. Exit 1 if the best of ours is worse than the
-best anchor in a row.
+Prints a table and writes eval/results/bench_ptq.json (--model reference: bench_ptq_reference.json). Exit 1
+if the best of ours is worse than the best anchor in a row.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import argparse
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +47,29 @@ from bench_gptq import (
     say,
 )
 
-RESULTS = REPO / "eval" / "results" / "bench_ptq.json"
 ROWS = [(3, -1), (4, -1), (4, 32)]
+REFERENCE = REPO / "llmslim" / "assets" / "reference"
+
+
+@dataclass(frozen=True)
+class Subject:
+    """A model and the text it is calibrated and measured on."""
+
+    model: Path
+    calib: dict[str, Any]  # the recipe's data source
+    heldout: dict[str, Any]  # a DataSource's fields
+    seq_len: int
+    narrow: tuple[str, ...]  # Linears whose input width 32 does not divide (kept unquantized at g32)
+    dtype: str  # the dtype every tool works in
+    results: Path
+
+
+SUBJECTS = {
+    "stories": Subject(STORIES, {"path": str(DEV), "fraction": [0.0, 0.5]}, {"path": str(DEV), "fraction": (0.5, 1.0)},
+                       512, ("down_proj",), "float32", REPO / "eval" / "results" / "bench_ptq.json"),
+    "reference": Subject(REFERENCE, {"path": str(REFERENCE / "calib.txt")}, {"path": str(REFERENCE / "eval.txt")},
+                         256, (), "float32", REPO / "eval" / "results" / "bench_ptq_reference.json"),
+}
 
 
 def row_name(bits: int, group: int) -> str:
@@ -64,11 +89,12 @@ def collected_anchor(work: Path, name: str, phase: str, tool: str) -> dict[str, 
     return collected(work / "logs" / f"{name}.log", timing, tool)
 
 
-def our_columns(bits: int, group: int, iters: int) -> dict[str, list[dict[str, Any]]]:
+def our_columns(bits: int, group: int, iters: int, narrow: tuple[str, ...] = ()) -> dict[str, list[dict[str, Any]]]:
     """Column name -> the recipe's stages, for one grid."""
-    # W4 g32: the 172-wide down_proj stays unquantized, as both anchors keep it (the same Linears quantized)
-    grid = {"bits": bits, "group_size": group, "symmetric": True, **({"ignore": ["lm_head", "down_proj"]}
-                                                                      if group != -1 else {})}
+    # g32 on stories260K: the 172-wide down_proj stays unquantized, as both anchors keep it (the same Linears
+    # quantized); awq is told too, so that it does not scale what is not quantized
+    grid = {"bits": bits, "group_size": group, "symmetric": True, **({"ignore": ["lm_head", *narrow]}
+                                                                      if group != -1 and narrow else {})}
     gptq = {"method": "gptq", "data": "calib", **grid, **GPTQ}
     return {
         "rtn minmax": [{"method": "rtn", **grid}],
@@ -81,9 +107,9 @@ def our_columns(bits: int, group: int, iters: int) -> dict[str, list[dict[str, A
     }
 
 
-def write_recipe(path: Path, output: Path, samples: int, stages: list[dict[str, Any]]) -> str:
-    recipe = {"model": str(STORIES), "output": str(output), "seed": 0,
-              "data": {"calib": {"path": str(DEV), "fraction": [0.0, 0.5], "samples": samples, "seq_len": 512}},
+def write_recipe(path: Path, output: Path, samples: int, stages: list[dict[str, Any]], subject: Subject) -> str:
+    recipe = {"model": str(subject.model), "output": str(output), "seed": 0, "dtype": subject.dtype,
+              "data": {"calib": {**subject.calib, "samples": samples, "seq_len": subject.seq_len}},
               "stages": stages, "export": {"check": "transformers"}}
     text = yaml.safe_dump(recipe, sort_keys=False)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,6 +127,8 @@ def run_ours(recipe: Path, output: Path, log: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", choices=list(SUBJECTS), default="stories",
+                   help="stories: stories260K on TinyStories dev.txt (../shared); reference: the bundled reference model")
     p.add_argument("--quick", action="store_true", help="16 calibration and 16 evaluation windows")
     p.add_argument("--work", type=Path, default=Path("/tmp/llmslim-bench-ptq"))
     p.add_argument("--no-anchor", action="store_true", help="ours only (no .venv-anchor here)")
@@ -110,7 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--collect", action="store_true",
                    help="run nothing: measure the outputs an earlier (interrupted) run left in --work")
     args = p.parse_args(argv)
-    if not (STORIES.is_dir() and DEV.is_file()):
+    subject = SUBJECTS[args.model]
+    if args.model == "stories" and not (STORIES.is_dir() and DEV.is_file()):
         print(f"skipped: {STORIES} or {DEV} not found (set LLMSLIM_SHARED)")
         return 0
     anchor = not args.no_anchor
@@ -126,15 +155,15 @@ def main(argv: list[str] | None = None) -> int:
     from llmslim.progress import Progress
     from llmslim.recipe import DataSource
 
-    tokenizer = load_tokenizer(STORIES)
-    hub = DataHub({"heldout": DataSource(path=str(DEV), fraction=(0.5, 1.0))}, tokenizer, seed=0, max_len=512)
-    jobs = [PplJob("heldout", lambda _tok: hub.stream("heldout"), 512, windows)]
+    tokenizer = load_tokenizer(subject.model)
+    hub = DataHub({"heldout": DataSource(**subject.heldout)}, tokenizer, seed=0, max_len=subject.seq_len)
+    jobs = [PplJob("heldout", lambda _tok: hub.stream("heldout"), subject.seq_len, windows)]
 
     def ppl(model_dir: Path) -> float:
-        return round(measure_perplexity(model_dir, jobs, "auto", Progress(), model_dir.name, tokenizer)["heldout"]["ppl"], 4)
+        return round(measure_perplexity(model_dir, jobs, "auto", Progress(), model_dir.name, tokenizer)["heldout"]["ppl"], 5)
 
-    work = args.work
-    original = ppl(STORIES)
+    work = args.work / args.model
+    original = ppl(subject.model)
     say(f"original: {original}")
     cells: dict[str, dict[str, Any]] = {}
     for bits, group in ROWS:
@@ -144,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
         cells[row] = {}
         calib = work / f"calib-{bits}-{group}.pt"
         token_hash = ""
-        for column, stages in our_columns(bits, group, args.iters).items():
+        for column, stages in our_columns(bits, group, args.iters, subject.narrow).items():
             name = "ours-" + column.replace(" + ", "-").replace(" ", "-") + f"-w{bits}g{group}"
             log = work / "logs" / f"{name}.log"
             if args.collect:
@@ -154,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells[row][f"ours {column}"] = {**collected(log, sum(x["seconds"] for x in stages_done), "ours"),
                                                 "ppl": ppl(work / name)}
                 continue
-            text = write_recipe(work / f"{name}.yaml", work / name, samples, stages)
+            text = write_recipe(work / f"{name}.yaml", work / name, samples, stages, subject)
             if not token_hash and stages[0].get("data"):
                 token_hash = calibration_tokens(text, calib)
             say(f"{row}: {column} (ours)")
@@ -171,8 +200,8 @@ def main(argv: list[str] | None = None) -> int:
                         cells[row][label] = {**collected_anchor(work, name, "oneshot", "llm-compressor"),
                                              "ppl": ppl(dense)}
                     continue
-                run = run_anchor(STORIES, calib, token_hash, work / name, bits, group, work / "logs" / f"{name}.log",
-                                 dense_out=dense, observer=observer, awq=awq)
+                run = run_anchor(subject.model, calib, token_hash, work / name, bits, group, work / "logs" / f"{name}.log",
+                                 dense_out=dense, observer=observer, awq=awq, extra=["--dtype", subject.dtype])
                 cells[row][label] = {**run, "ppl": ppl(dense)}
             name = f"anchor-autoround-w{bits}g{group}"
             say(f"{row}: auto-round light")
@@ -182,13 +211,17 @@ def main(argv: list[str] | None = None) -> int:
                     cells[row][f"auto-round {args.iters}"] = {**collected_anchor(work, name, "quantize", "auto-round"),
                                                               "ppl": ppl(dense)}
                 continue
-            run = run_autoround(STORIES, calib, token_hash, work / name, bits, group, work / "logs" / f"{name}.log",
-                                dense_out=dense, iters=args.iters, extra=["--lr", "5e-3", "--no-torch-compile"])
+            run = run_autoround(subject.model, calib, token_hash, work / name, bits, group, work / "logs" / f"{name}.log",
+                                dense_out=dense, iters=args.iters,
+                                extra=["--lr", "5e-3", "--no-torch-compile", "--dtype", subject.dtype])
             cells[row][f"auto-round {args.iters}"] = {**run, "ppl": ppl(dense)}
 
     grids = list(cells)
     methods = list(dict.fromkeys(m for c in cells.values() for m in c))
-    lines = [f"stories260K, perplexity on the second half of TinyStories dev.txt; original {original:.3f}. "
+    where = ("stories260K, perplexity on the second half of TinyStories dev.txt" if args.model == "stories" else
+             "the reference model, perplexity on its eval.txt")
+    digits = 3 if original > 3 else 4  # the reference model's perplexity is near 1.7: its steps are small
+    lines = [f"{where}; original {original:.{digits}f}. "
              "Each cell: perplexity (quantization seconds, whole-process peak RSS MiB); bold: best in the column.", "",
              "| method | " + " | ".join(grids) + " |", "|---|" + "---:|" * len(grids)]
     best = {g: min(v["ppl"] for v in cells[g].values()) for g in grids}
@@ -197,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         c = cells[g].get(m)
         if c is None:
             return "not run"
-        value = f"**{c['ppl']:.3f}**" if c["ppl"] == best[g] else f"{c['ppl']:.3f}"
+        value = f"**{c['ppl']:.{digits}f}**" if c["ppl"] == best[g] else f"{c['ppl']:.{digits}f}"
         return value + f" ({c['quant_s']:.0f} s, {c['peak_rss_bytes'] / 2**20:.0f})"
 
     for m in methods:
@@ -208,17 +241,18 @@ def main(argv: list[str] | None = None) -> int:
         ours = min(v["ppl"] for k, v in c.items() if k.startswith("ours"))
         theirs = [v["ppl"] for k, v in c.items() if not k.startswith("ours")]
         if theirs:
-            checks[f"{g}: the best of ours ({ours:.3f}) beats the best anchor ({min(theirs):.3f})"] = ours < min(theirs)
+            checks[f"{g}: the best of ours ({ours:.{digits}f}) beats the best anchor ({min(theirs):.{digits}f})"] = \
+                ours < min(theirs)
         gptq = c["ours gptq minmax"]["ppl"]
         if gptq > original:
             removed = 100 * (gptq - ours) / (gptq - original)
             lines.append(f"- {g}: the best of ours removes {removed:.1f} % of plain GPTQ's perplexity increase")
-            if g == "W3 per channel":
+            if g == "W3 per channel" and args.model == "stories":
                 checks[f"{g}: the best of ours removes at least a third of plain GPTQ's increase"] = removed >= 100 / 3
     lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()]
     print("\n".join(lines))
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"command": " ".join(["eval/bench_ptq.py", *(argv or sys.argv[1:])]),
+    subject.results.parent.mkdir(parents=True, exist_ok=True)
+    subject.results.write_text(json.dumps({"command": " ".join(["eval/bench_ptq.py", *(argv or sys.argv[1:])]),
                                    "original": original, "cells": cells, "checks": checks,
                                    "table": "\n".join(lines)}, indent=2) + "\n")
     return 0 if all(checks.values()) else 1

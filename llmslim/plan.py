@@ -45,7 +45,7 @@ class PlanState:
     dtype: torch.dtype
     quant: WeightFormat | None = None
     source_dir: Path | None = None  # the recipe's model directory (e.g. to compare a teacher's tokenizer)
-    awq_grid: tuple[int, int, bool] | None = None  # (bits, group_size, symmetric) an awq stage searched for
+    awq_grid: tuple[int, int, bool, tuple[str, ...]] | None = None  # (bits, group_size, symmetric, ignore) of an awq stage
 
     def with_config(self, config: PretrainedConfig) -> PlanState:
         """This state with a new config (and the adapter of its architecture, which a stage may change)."""

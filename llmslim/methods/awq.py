@@ -32,7 +32,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..faults import crash_point
@@ -42,6 +42,7 @@ from ..plan import PlanError, PlanState
 from ..registry import Method, MethodConfig, register
 from ..stage import StageContext, StageResult
 from .gptq import config as qconfig
+from .gptq.config import check_patterns, matches
 from .gptq.core import rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -69,9 +70,17 @@ class AwqConfig(MethodConfig):
     """s = mean|x|^a / mean|W|^(1-a) (AutoAWQ's default); false: s = mean|x|^a (the AWQ paper)."""
     tokens: int = Field(default=8192, gt=0)
     """Calibration tokens per layer used in the search (a seeded sample of `data`)."""
+    ignore: list[str] = ["lm_head"]
+    """The Linears the following stage keeps unquantized (the same patterns, checked): their mappings are
+    not scaled, since there is no rounding error to trade."""
 
-    def grid_key(self) -> tuple[int, int, bool]:
-        return self.bits, self.group_size, self.symmetric
+    @model_validator(mode="after")
+    def _patterns(self) -> AwqConfig:
+        check_patterns([(f"ignore[{i}]", p) for i, p in enumerate(self.ignore)])
+        return self
+
+    def grid_key(self) -> tuple[int, int, bool, tuple[str, ...]]:
+        return self.bits, self.group_size, self.symmetric, tuple(self.ignore)
 
 
 # ---------------------------------------------------------------- the search (pure)
@@ -186,15 +195,25 @@ class _Inputs:
             h.remove()
 
 
-def scale_layer(layer: nn.Module, inputs: Any, cfg: AwqConfig, gen: torch.Generator) -> dict[str, Any]:
-    """Search and fold every mapping's scale in one decoder layer; returns the layer's notes."""
-    maps = mappings(layer)
+def scale_layer(layer: nn.Module, inputs: Any, cfg: AwqConfig, gen: torch.Generator,
+                prefix: str = "") -> dict[str, Any]:
+    """Search and fold every mapping's scale in one decoder layer (`prefix`: its name in the model, for
+    `ignore`); returns the layer's notes."""
+    notes: dict[str, Any] = {}
+    maps = []
+    for m in mappings(layer):
+        # the plan refuses ignoring part of a mapping (q/k/v, gate/up share one input): one name decides
+        if any(matches(prefix + m.linears[0], p) for p in cfg.ignore):
+            notes[m.name] = {"alpha": None, "error": 0.0, "error_unscaled": 0.0, "ignored": True}
+        else:
+            maps.append(m)
+    if not maps:
+        return notes
     hooks = _Inputs(layer, maps, min(1.0, cfg.tokens / max(1, inputs.tokens)), gen)
     try:
         forward_layer(layer, inputs)  # one pass of the unscaled layer: every mapping's inputs
     finally:
         hooks.remove()
-    notes: dict[str, Any] = {}
     for m in maps:
         x = torch.cat(hooks.x.pop(m.name))
         lins: list[Any] = [layer.get_submodule(n) for n in m.linears]
@@ -227,7 +246,7 @@ def plan(state: PlanState, cfg: AwqConfig) -> PlanState:
         raise PlanError("method", f"{state.config.model_type}: awq scales dense Linears; MoE experts are fused "
                                 "parameters it does not handle yet: quantize MoE models with gptq or rtn")
     grid = qconfig.RtnConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
-                             per_channel_fallback=cfg.per_channel_fallback, ignore=[])
+                             per_channel_fallback=cfg.per_channel_fallback, ignore=cfg.ignore)
     from .gptq import plan as quant_plan
 
     quant_plan(replace(state, awq_grid=None), grid)  # the same width checks as the quantization stage (group_size must fit)
@@ -251,7 +270,7 @@ def run(ctx: StageContext, cfg: AwqConfig) -> StageResult:
                 saved = {k[len(prefix):]: v for k, v in adapter.from_disk(tensors).items()}
                 layer.load_state_dict({k: saved[k].to(v.dtype) for k, v in layer.state_dict().items()})
             else:
-                notes = scale_layer(layer, step.inputs, cfg, torch.Generator().manual_seed(ctx.seed + i))
+                notes = scale_layer(layer, step.inputs, cfg, torch.Generator().manual_seed(ctx.seed + i), prefix)
                 for p in layer.parameters():  # what the file holds, so a resumed run continues from the same values
                     p.data = p.data.to(ctx.dtype).to(p.dtype)
                 save_layer(file, adapter.to_disk({prefix + k: v.to(ctx.dtype) for k, v in layer.state_dict().items()}),

@@ -63,11 +63,15 @@ def targets_by_layer(model: Any, adapter: Any, ignore: list[str]) -> tuple[list[
 
 def plan(state: PlanState, cfg: QuantFields) -> PlanState:
     fmt = QuantFormat.of(cfg)
-    if state.awq_grid is not None and state.awq_grid != (cfg.bits, cfg.group_size, cfg.symmetric):
-        b, g, sym = state.awq_grid
-        raise PlanError("bits", f"the awq stage before searched its scales for bits {b}, group_size {g}, symmetric "
-                                f"{str(sym).lower()}; this stage quantizes to bits {cfg.bits}, group_size "
-                                f"{cfg.group_size}, symmetric {str(cfg.symmetric).lower()}: give both the same grid")
+    if state.awq_grid is not None:
+        b, g, sym, ignore = state.awq_grid
+        if (b, g, sym) != (cfg.bits, cfg.group_size, cfg.symmetric):
+            raise PlanError("bits", f"the awq stage before searched its scales for bits {b}, group_size {g}, "
+                                    f"symmetric {str(sym).lower()}; this stage quantizes to bits {cfg.bits}, group_size "
+                                    f"{cfg.group_size}, symmetric {str(cfg.symmetric).lower()}: give both the same grid")
+        if sorted(ignore) != sorted(cfg.ignore):
+            raise PlanError("ignore", f"the awq stage before searched its scales with ignore {list(ignore)}; this stage "
+                                      f"ignores {list(cfg.ignore)}: give both the same ignore list")
     model = meta_model(state.config, state.dtype)
     adapter = state.adapter
     try:

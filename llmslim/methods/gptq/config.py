@@ -96,15 +96,9 @@ class QuantFields(MethodConfig):
             if not self.bits < self.mixed.target_bits < self.mixed.high_bits:
                 raise ValueError(f"mixed.target_bits {self.mixed.target_bits:g} must lie between bits {self.bits} and "
                                  f"mixed.high_bits {self.mixed.high_bits}")
-        patterns = [(f"ignore[{i}]", p) for i, p in enumerate(self.ignore)]
-        patterns += [(f"groups[{g}].targets[{i}]", p) for g, grp in enumerate(self.groups)
-                     for i, p in enumerate(grp.targets)]
-        for where, pattern in patterns:
-            if pattern.startswith("re:"):
-                try:
-                    re.compile(pattern[3:])
-                except re.error as e:
-                    raise ValueError(f"{where}: {pattern!r} is not a valid regex ({e})") from None
+        check_patterns([(f"ignore[{i}]", p) for i, p in enumerate(self.ignore)]
+                       + [(f"groups[{g}].targets[{i}]", p) for g, grp in enumerate(self.groups)
+                          for i, p in enumerate(grp.targets)])
         return self
 
 
@@ -143,6 +137,16 @@ class RtnConfig(QuantFields):
             raise ValueError("mixed measures sensitivity on calibration data, which rtn does not read: use gptq "
                              "(or groups for a hand-made allocation)")
         return self
+
+
+def check_patterns(patterns: list[tuple[str, str]]) -> None:
+    """Refuse a `re:` pattern that does not compile, naming where it is (field, pattern)."""
+    for where, pattern in patterns:
+        if pattern.startswith("re:"):
+            try:
+                re.compile(pattern[3:])
+            except re.error as e:
+                raise ValueError(f"{where}: {pattern!r} is not a valid regex ({e})") from None
 
 
 def matches(name: str, pattern: str) -> bool:
