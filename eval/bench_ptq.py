@@ -7,7 +7,7 @@
 --model stories (the default): stories260K, calibrated on 128 x 512 tokens of the first half of
 ../shared/data/tinystories/dev.txt, perplexity on the second half (512-token windows). --model reference:
 the bundled reference model (llmslim/assets/reference, a 6-layer Llama, bf16 on disk, every tool working
-in float32), calibrated on 128 x 256 tokens of its calib.txt, perplexity on its eval.txt (256-token
+in float32), calibrated on 112 x 256 tokens of its calib.txt (30149 tokens in all), perplexity on its eval.txt (256-token
 windows). The anchors get the very calibration tokens (SHA-256 checked); every model is measured here in
 .venv the same way; symmetric grids. Rows: W3 and W4 per channel, W4 g32 (on stories260K 32 does not
 divide the 172-wide down_proj: every tool keeps it unquantized there). Columns, ours: rtn and gptq with the minmax and mse
@@ -59,6 +59,7 @@ class Subject:
     calib: dict[str, Any]  # the recipe's data source
     heldout: dict[str, Any]  # a DataSource's fields
     seq_len: int
+    samples: int  # calibration windows
     narrow: tuple[str, ...]  # Linears whose input width 32 does not divide (kept unquantized at g32)
     dtype: str  # the dtype every tool works in
     results: Path
@@ -66,9 +67,9 @@ class Subject:
 
 SUBJECTS = {
     "stories": Subject(STORIES, {"path": str(DEV), "fraction": [0.0, 0.5]}, {"path": str(DEV), "fraction": (0.5, 1.0)},
-                       512, ("down_proj",), "float32", REPO / "eval" / "results" / "bench_ptq.json"),
+                       512, 128, ("down_proj",), "float32", REPO / "eval" / "results" / "bench_ptq.json"),
     "reference": Subject(REFERENCE, {"path": str(REFERENCE / "calib.txt")}, {"path": str(REFERENCE / "eval.txt")},
-                         256, (), "float32", REPO / "eval" / "results" / "bench_ptq_reference.json"),
+                         256, 112, (), "float32", REPO / "eval" / "results" / "bench_ptq_reference.json"),
 }
 
 
@@ -104,6 +105,8 @@ def our_columns(bits: int, group: int, iters: int, narrow: tuple[str, ...] = ())
         "gptq mse gptaq": [{**gptq, "observer": "mse", "gptaq": True}],
         "awq + gptq mse": [{"method": "awq", "data": "calib", **grid, "observer": "mse"}, {**gptq, "observer": "mse"}],
         f"autoround {iters}": [{"method": "autoround", "data": "calib", **grid, "iters": iters}],
+        f"awq + autoround {iters}": [{"method": "awq", "data": "calib", **grid},
+                                     {"method": "autoround", "data": "calib", **grid, "iters": iters}],
     }
 
 
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if anchor and missing:
         print(f"{missing[0]} not found: run scripts/setup_anchor.sh all first (or --no-anchor)")
         return 2
-    samples, windows = (16, 16) if args.quick else (128, None)
+    samples, windows = (16, 16) if args.quick else (subject.samples, None)
 
     from llmslim.data import DataHub
     from llmslim.evaluate.harness import PplJob, measure_perplexity
