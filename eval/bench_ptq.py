@@ -6,16 +6,18 @@
 
 --model stories (the default): stories260K, calibrated on 128 x 512 tokens of the first half of
 ../shared/data/tinystories/dev.txt, perplexity on the second half (512-token windows). --model reference:
-the bundled reference model (llmslim/assets/reference, a 6-layer Llama, bf16 on disk, every tool working
-in float32), calibrated on 112 x 256 tokens of its calib.txt (30149 tokens in all), perplexity on its eval.txt (256-token
-windows). The anchors get the very calibration tokens (SHA-256 checked); every model is measured here in
-.venv the same way; symmetric grids. Rows: W3 and W4 per channel, W4 g32 (on stories260K 32 does not
-divide the 172-wide down_proj: every tool keeps it unquantized there). Columns, ours: rtn and gptq with the minmax and mse
-observers, gptq mse with gptaq, awq then gptq mse, autoround (`--iters`, our default lr 1/iters);
-anchors: llm-compressor 0.14 GPTQ with its minmax and mse observers, its AWQ then GPTQ (mse), and
-auto-round 0.16 with its "light" preset (`--iters` 50, lr 5e-3; its default is 200 iterations, about 4x
-the time). act-order on for every GPTQ. Time (the quantization stages; the anchors' quantize call) and
-peak RSS of the whole process (GNU time) beside each.
+the bundled reference model (llmslim/assets/reference, a 6-layer Llama, bf16 on disk), calibrated on
+112 x 256 tokens of its calib.txt (30149 tokens in all), perplexity on its eval.txt (256-token windows).
+Every tool works in float32; the anchors get the very calibration tokens (SHA-256 checked); every model
+is measured here in .venv the same way; symmetric grids, act-order on for every GPTQ.
+
+Rows: W3 and W4 per channel, W4 g32 (on stories260K 32 does not divide the 172-wide down_proj: every tool
+keeps it unquantized there). Columns, ours: rtn and gptq with the minmax and mse observers, gptq mse with
+gptaq, awq then gptq mse, autoround and awq then autoround (`--iters` steps per layer, our default lr
+1/iters); anchors: llm-compressor 0.14 GPTQ with its minmax and mse observers, its AWQ then GPTQ (mse),
+and auto-round 0.16 with its "light" preset (`--iters` 50, lr 5e-3; its default is 200 iterations, about
+4x the time). Time (the quantization stages; the anchors' quantize call) and peak RSS of the whole
+process (GNU time) beside each.
 
 Prints a table and writes eval/results/bench_ptq.json (--model reference: bench_ptq_reference.json). Exit 1
 if the best of ours is worse than the best anchor in a row.

@@ -1,4 +1,4 @@
-"""awq: activation-aware per-input-channel scaling (Lin et al. 2023, AWQ), ahead of gptq or rtn.
+"""awq: activation-aware per-input-channel scaling (Lin et al. 2023, AWQ), ahead of gptq, rtn or autoround.
 
 A Linear y = W x computes the same with W' = W diag(s) on x' = x / s. Quantizing W' instead of W gives the
 input channels with large activations (scaled up, s > 1) a finer grid relative to their weights, at the
@@ -13,8 +13,9 @@ The scale of each mapping is searched on calibration inputs of the layer: s = me
 (`duo_scaling`; W~ is |W| normalised per quantization group, as AutoAWQ) or mean|x|^a, normalised to
 geometric mean 1, for a in {0, 1/grid, ..., (grid-1)/grid}, and also s = 1 (no scaling); the candidate
 with the smallest error ||Q(W s)(x / s) - W x||^2 over the mapping's Linears wins, Q being round-to-nearest
-on the grid the following quantization stage uses (`bits`, `group_size`, `symmetric`; the plan checks
-that they agree). s = 1 being a candidate, awq never ends worse than plain rtn on this objective.
+on the grid the following quantization stage uses (`bits`, `group_size`, `symmetric`, `ignore`; the plan
+checks that they agree). s = 1 being a candidate, awq never ends worse than plain rtn on this objective.
+A mapping whose Linears the next stage keeps unquantized (`ignore`) is left unscaled: no rounding to trade.
 
 Layer by layer, like gptq: each layer is calibrated on what the scaled layers before it produce (the
 same function as the original, up to float rounding), then written to its own file; a killed run
