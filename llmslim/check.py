@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import cpu
-from .cpu import VLLM_CPU_HEAD_DIMS, VllmRun, export_kind, vllm_cpu_run, vllm_gpu_run
+from .cpu import NEAR_TIE, VLLM_CPU_HEAD_DIMS, VllmRun, export_kind, vllm_cpu_run, vllm_gpu_run
 from .errors import UserError
 from .loading import load_tokenizer
 
@@ -133,21 +133,13 @@ def vllm_run_for(model_dir: str | Path) -> VllmRun:
     return vllm_cpu_run(kind, cpu.detect(), declared)
 
 
-# In 16-bit runs, greedy decoding may take either side of a near-tie: vLLM's token then has to be within
-# NEAR_TIE x (the largest |logit| at that step) of the float32 argmax. Measured (bf16 against float32
-# transformers, 32 x 128 random tokens; tests/test_checks_fail.py repeats it on the tiny test models): where
-# the bf16 argmax differs from the float32 one (2-4 % of positions), its float32 logit is at most 2^-6.6
-# (reference model), 2^-5.4 (stories260K) and 2^-4.7 (tiny random Llama) of the largest logit below the
-# argmax. 2^-4 covers that with room; a real disagreement (a wrong weight, a wrong kernel) picks tokens far
-# below the argmax (tests/test_checks_fail.py: the negative case).
-NEAR_TIE = 2**-4
 
 
 @torch.no_grad()
-def near_tie_violations(model: torch.nn.Module, prompts: list[list[int]], tokens: list[list[int]]
-                        ) -> tuple[list[str], float, int]:
+def near_tie_violations(model: torch.nn.Module, prompts: list[list[int]], tokens: list[list[int]],
+                        tolerance: float = NEAR_TIE) -> tuple[list[str], float, int]:
     """Teacher-force each prompt + vLLM's tokens through `model` (float32) and list every step where
-    vLLM's token is not the argmax and not within NEAR_TIE of it. Returns (violations, the largest logit
+    vLLM's token is not the argmax and not within `tolerance` x the largest |logit| of it. Returns (violations, the largest logit
     gap seen, how many steps were the exact argmax)."""
     device = next(model.parameters()).device
     bad, worst, exact = [], 0.0, 0
@@ -156,7 +148,7 @@ def near_tie_violations(model: torch.nn.Module, prompts: list[list[int]], tokens
         top = logits.max(dim=-1).values
         chosen = logits.gather(1, torch.tensor(t, device=device)[:, None])[:, 0]
         gap = top - chosen
-        tol = NEAR_TIE * logits.abs().max(dim=-1).values
+        tol = tolerance * logits.abs().max(dim=-1).values
         exact += int((gap == 0).sum())
         worst = max(worst, float(gap.max()))
         for j in (gap > tol).nonzero().flatten().tolist():
@@ -223,7 +215,7 @@ def check_exports(model_dirs: list[str | Path], backend: str = "vllm",
     transformers: each loads and generates, its tokenizer fits it, and (with a reference, the model before
     export) it gives the same greedy tokens as that model. vllm: additionally vLLM serves it, in the dtype
     this machine's kernels need (llmslim.cpu), with transformers' greedy tokens: exactly where vLLM runs in
-    float32, up to near-ties (NEAR_TIE) where it must run in 16 bits. Results say what failed; nothing is
+    float32, up to near-ties (llmslim.cpu's NEAR_TIE*) where it must run in 16 bits. Results say what failed; nothing is
     raised for a failing model."""
     dirs = [Path(d) for d in model_dirs]
     references = references or [None] * len(dirs)
@@ -300,14 +292,14 @@ def _near_tie_result(d: Path, job: dict, plan: VllmRun, model: torch.nn.Module, 
                      tokens: list[list[int]]) -> CheckResult:
     """A 16-bit vLLM run judged against transformers in float32 (see near_tie_violations)."""
     n = len(tokens)
-    bad, worst, exact = near_tie_violations(model, job["prompts"], tokens)
+    bad, worst, exact = near_tie_violations(model, job["prompts"], tokens, plan.near_tie)
     if bad:
         return _fail("vllm", f"{d}: vLLM ({job['dtype']}) disagrees with transformers (float32): {bad[0]}"
                              + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""), hf)
     return CheckResult("vllm", True, n, tokens=tokens, detail=(
         f"vLLM ({job['dtype']} activations: {plan.why}) agrees with transformers (float32) "
         f"on {n} x {MAX_NEW_TOKENS} greedy tokens: {exact} are the float32 argmax, the rest near-ties "
-        f"(largest logit gap {worst:.4f}, tolerance {NEAR_TIE:g} of the largest logit)"))
+        f"(largest logit gap {worst:.4f}, tolerance {plan.near_tie:g} of the largest logit)"))
 
 
 def check_export(model_dir: str | Path, backend: str = "vllm", *, reference: torch.nn.Module | None = None) -> CheckResult:

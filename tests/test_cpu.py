@@ -222,6 +222,6 @@ def test_w8a8_runs_in_bf16_as_on_amx_and_the_near_tie_check_judges_it(on_family,
     if vllm_cpu_run("w8a8", real).faithful:
         assert result.passed and result.generated, result.detail
         assert result.detail.startswith("vLLM (bfloat16 activations: vLLM's AMX int8 kernel takes bf16/fp16")
-        assert "agrees with transformers (float32)" in result.detail and "tolerance 0.0625" in result.detail
+        assert "agrees with transformers (float32)" in result.detail and "tolerance 0.1875" in result.detail
     else:
         assert not result.passed and "vLLM (bfloat16) disagrees with transformers (float32)" in result.detail

@@ -228,11 +228,40 @@ def test_autoround_starts_at_rtn_and_stays_on_the_grid(bits, group, symmetric):
         p.grad = torch.randn(p.shape, generator=gen)
     autoround.signed_step(r, lr=3.0)
     assert float(r.v.abs().max()) == 0.5 and float(r.alpha.min()) == 0.5 and float(r.beta.max()) <= 1.0
-    moved = autoround.final_weights(W, r, bits=bits, group_size=group, symmetric=symmetric, scale_dtype=torch.bfloat16)
     qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    assert int(moved.q.min()) >= qmin and int(moved.q.max()) <= qmax and not torch.equal(moved.q, start.q)
-    assert bool(torch.isfinite(moved.scale.float()).all()) and bool((moved.scale > 0).all())
-    assert moved.scale.dtype == torch.bfloat16
+    for full_range in (False, True):
+        moved = autoround.final_weights(W, r, bits=bits, group_size=group, symmetric=symmetric,
+                                        scale_dtype=torch.bfloat16, full_range=full_range)
+        assert int(moved.q.min()) >= qmin and int(moved.q.max()) <= qmax and not torch.equal(moved.q, start.q)
+        assert bool(torch.isfinite(moved.scale.float()).all()) and bool((moved.scale != 0).all())
+        assert moved.scale.dtype == torch.bfloat16
+        assert bool((moved.scale > 0).all()) or (symmetric and full_range)
+        fake = autoround.fake_quant(W, r, bits=bits, group_size=group, symmetric=symmetric, full_range=full_range)
+        exact = autoround.final_weights(W, r, bits=bits, group_size=group, symmetric=symmetric,
+                                        scale_dtype=torch.float32, full_range=full_range)
+        assert torch.allclose(fake, exact.weight, atol=1e-6)
+
+
+@pytest.mark.parametrize("bits, group", [(3, -1), (4, 32), (8, 64)])
+def test_autoround_full_range_puts_each_groups_largest_weight_on_qmin_with_a_finer_step(bits, group):
+    """The full-range symmetric start: the largest-magnitude weight of every group is exactly qmin * scale
+    (the scale negative where that weight is positive), every integer in [qmin, qmax], the step
+    2^(b-1) / (2^(b-1) - 1/2) times finer than rtn's, and the rounding error below rtn's."""
+    gen = torch.Generator().manual_seed(1)
+    W = torch.randn(64, 256, generator=gen) * torch.rand(64, 1, generator=gen)
+    r = autoround.Rounding.start(W, group)
+    full = autoround.final_weights(W, r, bits=bits, group_size=group, symmetric=True, scale_dtype=torch.float32,
+                                   full_range=True)
+    rtn = rtn_quantize(W, bits=bits, group_size=group, symmetric=True)
+    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    assert int(full.q.min()) == qmin and int(full.q.max()) <= qmax and bool((full.zero == 0).all())
+    gs = W.shape[1] if group == -1 else group
+    Wg = W.reshape(W.shape[0], -1, gs)
+    largest = Wg.gather(-1, Wg.abs().argmax(-1, keepdim=True)).squeeze(-1)
+    assert torch.allclose(largest, qmin * full.scale, rtol=1e-6)
+    assert bool(((full.scale < 0) == (largest > 0)).all())
+    assert torch.allclose(full.scale.abs() / rtn.scale, torch.tensor((qmax - qmin) / 2 / 2 ** (bits - 1)))
+    assert float((full.weight - W).pow(2).sum()) < float((rtn.weight - W).pow(2).sum())
 
 
 def test_autoround_learns_a_layer_better_than_rtn_and_never_ends_worse(tiny):
@@ -383,8 +412,8 @@ def test_bits_vllm_cannot_serve_in_a_group_are_refused_with_check_vllm(tiny, tmp
 
 @pytest.mark.vllm
 def test_every_ptq_export_loads_in_vllm(tiny_tok, tmp_path):
-    """W4 exports of awq + gptq, gptq with gptaq, autoround, and a mixed-precision export in one vLLM
-    process: each loads, and where this machine has vLLM's weight-only kernel (AVX-512 CPUs, GPUs)
+    """W4 exports of awq + gptq, gptq with gptaq, autoround (full range: negative scales), and a
+    mixed-precision export in one vLLM process: each loads, and where this machine has vLLM's weight-only kernel (AVX-512 CPUs, GPUs)
     generates the same greedy tokens as transformers (near-ties allowed: bf16). Mixed: 8-bit down_proj
     and 4-bit elsewhere on a GPU; on a CPU, whose vLLM loads 4-bit weight-only only, per-channel
     down_proj and g32 elsewhere (two config groups all the same)."""
@@ -403,6 +432,11 @@ def test_every_ptq_export_loads_in_vllm(tiny_tok, tmp_path):
         recipe = parse_recipe(tiny_recipe(tmp_path / name, tiny_tok(arch), stages))
         run(recipe)
         outs.append(recipe.spec.output)
+    from safetensors.torch import load_file
+
+    scales = [t for f in sorted(Path(outs[2]).glob("*.safetensors")) for k, t in load_file(f).items()
+              if k.endswith("weight_scale")]
+    assert any(bool((t < 0).any()) for t in scales)  # autoround's full-range grid: vLLM gets negative scales
     for out, result in zip(outs, check_exports(outs, "vllm")):
         assert result.passed, (out, result.detail)
         if vllm_run_for(out).generates:
