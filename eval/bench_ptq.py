@@ -2,7 +2,7 @@
 (issue [10]).
 
     scripts/setup_anchor.sh all              # once: .venv-anchor (llm-compressor 0.14), .venv-autoround (0.16)
-    .venv/bin/python eval/bench_ptq.py [--model stories|reference] [--quick] [--iters 50]
+    .venv/bin/python eval/bench_ptq.py [--model stories|reference] [--quick] [--iters 50 200]
 
 --model stories (the default): stories260K, calibrated on 128 x 512 tokens of the first half of
 ../shared/data/tinystories/dev.txt, perplexity on the second half (512-token windows). --model reference:
@@ -13,10 +13,10 @@ is measured here in .venv the same way; symmetric grids, act-order on for every 
 
 Rows: W3 and W4 per channel, W4 g32 (on stories260K 32 does not divide the 172-wide down_proj: every tool
 keeps it unquantized there). Columns, ours: rtn and gptq with the minmax and mse observers, gptq mse with
-gptaq, awq then gptq mse, autoround and awq then autoround (`--iters` steps per layer, our default lr
-1/iters); anchors: llm-compressor 0.14 GPTQ with its minmax and mse observers, its AWQ then GPTQ (mse),
-and auto-round 0.16 with its "light" preset (`--iters` 50, lr 5e-3; its default is 200 iterations, about
-4x the time). Time (the quantization stages; the anchors' quantize call) and peak RSS of the whole
+gptaq, awq then gptq mse, autoround and awq then autoround at each of `--iters` (steps per layer, our
+default lr 1/iters); anchors: llm-compressor 0.14 GPTQ with its minmax and mse observers, its AWQ then
+GPTQ (mse), and auto-round 0.16 at the same step counts with lr 5e-3 (50: its "light" preset; 200: its
+default; neither is better everywhere, so both are anchors). Time (the quantization stages; the anchors' quantize call) and peak RSS of the whole
 process (GNU time) beside each.
 
 Prints a table and writes eval/results/bench_ptq.json (--model reference: bench_ptq_reference.json). Exit 1
@@ -92,7 +92,8 @@ def collected_anchor(work: Path, name: str, phase: str, tool: str) -> dict[str, 
     return collected(work / "logs" / f"{name}.log", timing, tool)
 
 
-def our_columns(bits: int, group: int, iters: int, narrow: tuple[str, ...] = ()) -> dict[str, list[dict[str, Any]]]:
+def our_columns(bits: int, group: int, iters: list[int], narrow: tuple[str, ...] = ()
+                ) -> dict[str, list[dict[str, Any]]]:
     """Column name -> the recipe's stages, for one grid."""
     # g32 on stories260K: the 172-wide down_proj stays unquantized, as both anchors keep it (the same Linears
     # quantized); awq is told too, so that it does not scale what is not quantized
@@ -106,14 +107,15 @@ def our_columns(bits: int, group: int, iters: int, narrow: tuple[str, ...] = ())
         "gptq mse": [{**gptq, "observer": "mse"}],
         "gptq mse gptaq": [{**gptq, "observer": "mse", "gptaq": True}],
         "awq + gptq mse": [{"method": "awq", "data": "calib", **grid, "observer": "mse"}, {**gptq, "observer": "mse"}],
-        f"autoround {iters}": [{"method": "autoround", "data": "calib", **grid, "iters": iters}],
-        f"awq + autoround {iters}": [{"method": "awq", "data": "calib", **grid},
-                                     {"method": "autoround", "data": "calib", **grid, "iters": iters}],
+        **{f"autoround {n}": [{"method": "autoround", "data": "calib", **grid, "iters": n}] for n in iters},
+        **{f"awq + autoround {n}": [{"method": "awq", "data": "calib", **grid},
+                                    {"method": "autoround", "data": "calib", **grid, "iters": n}] for n in iters},
     }
 
 
-def write_recipe(path: Path, output: Path, samples: int, stages: list[dict[str, Any]], subject: Subject) -> str:
-    recipe = {"model": str(subject.model), "output": str(output), "seed": 0, "dtype": subject.dtype,
+def write_recipe(path: Path, output: Path, samples: int, stages: list[dict[str, Any]], subject: Subject,
+                 seed: int = 0) -> str:
+    recipe = {"model": str(subject.model), "output": str(output), "seed": seed, "dtype": subject.dtype,
               "data": {"calib": {**subject.calib, "samples": samples, "seq_len": subject.seq_len}},
               "stages": stages, "export": {"check": "transformers"}}
     text = yaml.safe_dump(recipe, sort_keys=False)
@@ -137,8 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="16 calibration and 16 evaluation windows")
     p.add_argument("--work", type=Path, default=Path("/tmp/llmslim-bench-ptq"))
     p.add_argument("--no-anchor", action="store_true", help="ours only (no .venv-anchor here)")
-    p.add_argument("--iters", type=int, default=50, help="autoround steps per layer, ours and the anchor's")
+    p.add_argument("--iters", type=int, nargs="+", default=[50, 200],
+                   help="autoround steps per layer, ours and the anchor's, one column each")
     p.add_argument("--rows", nargs="+", choices=[row_name(b, g) for b, g in ROWS], help="only these grids")
+    p.add_argument("--seed", type=int, default=None,
+                   help="seed of ours and auto-round (batch order of learned rounding; default: ours 0, auto-round "
+                        "its own 42): rerun a row with others to see how far the learned methods move")
     p.add_argument("--no-awq-anchor", action="store_true", help="skip llm-compressor's AWQ + GPTQ (the slowest anchor)")
     p.add_argument("--collect", action="store_true",
                    help="run nothing: measure the outputs an earlier (interrupted) run left in --work")
@@ -188,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
                 cells[row][f"ours {column}"] = {**collected(log, sum(x["seconds"] for x in stages_done), "ours"),
                                                 "ppl": ppl(work / name)}
                 continue
-            text = write_recipe(work / f"{name}.yaml", work / name, samples, stages, subject)
+            text = write_recipe(work / f"{name}.yaml", work / name, samples, stages, subject,
+                                0 if args.seed is None else args.seed)
             if not token_hash and stages[0].get("data"):
                 token_hash = calibration_tokens(text, calib)
             say(f"{row}: {column} (ours)")
@@ -208,18 +215,21 @@ def main(argv: list[str] | None = None) -> int:
                 run = run_anchor(subject.model, calib, token_hash, work / name, bits, group, work / "logs" / f"{name}.log",
                                  dense_out=dense, observer=observer, awq=awq, extra=["--dtype", subject.dtype])
                 cells[row][label] = {**run, "ppl": ppl(dense)}
-            name = f"anchor-autoround-w{bits}g{group}"
-            say(f"{row}: auto-round light")
-            dense = work / f"{name}-dense"
-            if args.collect:
-                if dense.is_dir():
-                    cells[row][f"auto-round {args.iters}"] = {**collected_anchor(work, name, "quantize", "auto-round"),
-                                                              "ppl": ppl(dense)}
-                continue
-            run = run_autoround(subject.model, calib, token_hash, work / name, bits, group, work / "logs" / f"{name}.log",
-                                dense_out=dense, iters=args.iters,
-                                extra=["--lr", "5e-3", "--no-torch-compile", "--dtype", subject.dtype])
-            cells[row][f"auto-round {args.iters}"] = {**run, "ppl": ppl(dense)}
+            for iters in args.iters:
+                name = f"anchor-autoround-{iters}-w{bits}g{group}"
+                say(f"{row}: auto-round {iters}")
+                dense = work / f"{name}-dense"
+                if args.collect:
+                    if dense.is_dir():
+                        cells[row][f"auto-round {iters}"] = {**collected_anchor(work, name, "quantize", "auto-round"),
+                                                             "ppl": ppl(dense)}
+                    continue
+                # lr 5e-3 at every step count: the "light" preset's at 50, its default 1/iters at 200
+                run = run_autoround(subject.model, calib, token_hash, work / name, bits, group,
+                                    work / "logs" / f"{name}.log", dense_out=dense, iters=iters,
+                                    extra=["--lr", "5e-3", "--no-torch-compile", "--dtype", subject.dtype,
+                                           *([] if args.seed is None else ["--seed", str(args.seed)])])
+                cells[row][f"auto-round {iters}"] = {**run, "ppl": ppl(dense)}
 
     grids = list(cells)
     methods = list(dict.fromkeys(m for c in cells.values() for m in c))
