@@ -143,8 +143,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="autoround steps per layer, ours and the anchor's, one column each")
     p.add_argument("--rows", nargs="+", choices=[row_name(b, g) for b, g in ROWS], help="only these grids")
     p.add_argument("--seed", type=int, default=None,
-                   help="seed of ours and auto-round (batch order of learned rounding; default: ours 0, auto-round "
-                        "its own 42): rerun a row with others to see how far the learned methods move")
+                   help="the recipes' seed (which calibration windows are drawn, given to every tool alike, and "
+                        "the batch order of learned rounding) and auto-round's (default: 0, auto-round its own 42): "
+                        "rerun a row with others to see how far the methods move")
     p.add_argument("--no-awq-anchor", action="store_true", help="skip llm-compressor's AWQ + GPTQ (the slowest anchor)")
     p.add_argument("--collect", action="store_true",
                    help="run nothing: measure the outputs an earlier (interrupted) run left in --work")
