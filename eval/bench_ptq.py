@@ -16,8 +16,8 @@ keeps it unquantized there). Columns, ours: rtn and gptq with the minmax and mse
 gptaq, awq then gptq mse, autoround and awq then autoround at each of `--iters` (steps per layer, our
 default lr 1/iters); anchors: llm-compressor 0.14 GPTQ with its minmax and mse observers, its AWQ then
 GPTQ (mse), and auto-round 0.16 at the same step counts with lr 5e-3 (50: its "light" preset; 200: its
-default; neither is better everywhere, so both are anchors). Time (the quantization stages; the anchors' quantize call) and peak RSS of the whole
-process (GNU time) beside each.
+default; neither is better everywhere, so both are anchors). Time (the quantization stages; the anchors'
+quantize call) and peak RSS of the whole process (GNU time) beside each.
 
 Prints a table and writes eval/results/bench_ptq.json (--model reference: bench_ptq_reference.json). Exit 1
 if the best of ours is worse than the best anchor in a row.
@@ -195,8 +195,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells[row][f"ours {column}"] = {**collected(log, sum(x["seconds"] for x in stages_done), "ours"),
                                                 "ppl": ppl(work / name)}
                 continue
-            text = write_recipe(work / f"{name}.yaml", work / name, samples, stages, subject,
-                                0 if args.seed is None else args.seed)
+            text = write_recipe(work / f"{name}.yaml", work / name, samples, stages, subject, args.seed or 0)
             if not token_hash and stages[0].get("data"):
                 token_hash = calibration_tokens(text, calib)
             say(f"{row}: {column} (ours)")
