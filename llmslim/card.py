@@ -156,6 +156,11 @@ def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: 
              f"{human_count(size['before']['params'])} → {human_count(size['after']['params'])} parameters, "
              f"{human_bytes(size['before']['bytes'])} → {human_bytes(size['after']['bytes'])} of weights, "
              f"exported as {report['export']['format']} safetensors in {report['dtype']}.", ""]
+    if report.get("source"):  # a GGUF input: the numbers below are relative to the quantized file
+        from .gguf import ROUNDING_NOTE
+
+        lines += [f"Source: {report['source']['description']} (`{report['source']['file']}`), converted by "
+                  f"llmslim; {ROUNDING_NOTE}.", ""]
     lines += _stage_table(report) + [""] + _eval_table(report) + [""]
     commands = usage_commands(repo_id, config)
     lines += ["## Usage", "", "vLLM on a GPU:", "", "```bash", commands["gpu"], "```", ""]

@@ -1,4 +1,4 @@
-"""The `llmslim` command: run, validate, check, eval, serve, push.
+"""The `llmslim` command: run, validate, check, eval, serve, push, convert.
 
 Exit codes: 0 done; 2 a user error or a refusal (one line each, no traceback), also for file-system
 errors (full disk, permissions) and a failed push (the export is kept); 3 the export was written but a
@@ -139,13 +139,13 @@ def summary_table(report: dict[str, Any]) -> Any:
 
 
 def cmd_validate(args: argparse.Namespace, console: Any, progress: Progress) -> int:
-    from .pipeline import Workspace, prepare
+    from .pipeline import Workspace, validate
     from .recipe import load_recipe
 
     if args.stand_in:
         return _validate_stand_in(args, console)
     recipe = load_recipe(args.recipe, args.set)
-    _, _, _, rows, _ = prepare(recipe, Workspace(recipe.spec.output), replace_output=args.replace_output)
+    rows = validate(recipe, Workspace(recipe.spec.output), replace_output=args.replace_output)
     _stdout().print(plan_table(rows))
     console.print(f"{args.recipe}: valid, {len(recipe.stages)} stage(s)")
     return 0
@@ -256,6 +256,24 @@ def cmd_eval(args: argparse.Namespace, console: Any, progress: Progress) -> int:
     return 0
 
 
+def cmd_convert(args: argparse.Namespace, console: Any, progress: Progress) -> int:
+    from contextlib import nullcontext
+    from pathlib import Path
+
+    from .checkpoint import DTYPES, parse_size
+    from .gguf import convert_gguf
+
+    dtype = None if args.dtype == "auto" else DTYPES[args.dtype]
+    bars = getattr(progress, "bars", None)
+    with bars if bars is not None else nullcontext():
+        record = convert_gguf(Path(args.file), Path(args.out), dtype=dtype, progress=progress,
+                              max_shard_bytes=parse_size(args.max_shard_size))
+    print(f"{args.out}: {record['source']['description']} converted to {record['dtype']} safetensors "
+          f"({record['source']['architecture']}; tokenizer{' and chat template' if record['chat_template'] else ''} "
+          "from the metadata)")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace, console: Any, progress: Progress) -> int:
     from .serve import serve
 
@@ -293,6 +311,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "cache or bundled with llmslim) and validate the recipe on a tiny random model of the "
                         "same architecture; offline")
     v.add_argument("--quiet", action="store_true")
+    k = sub.add_parser("convert", help="convert a llama.cpp GGUF file into a safetensors model directory",
+                       description="Dequantize every tensor of FILE (one at a time), undo llama.cpp's q/k row "
+                       "permutation, and write OUT: config.json (architectures set), safetensors shards, the tokenizer "
+                       "and chat template from the metadata. A recipe's `model: FILE.gguf` does the same by itself. "
+                       "A killed conversion continues where it stopped when run again.")
+    k.add_argument("file", help="the .gguf file")
+    k.add_argument("out", help="the model directory to write (must not exist, unless it is this very conversion)")
+    k.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: float32 for quantized files (holds every dequantized weight exactly), else the "
+                        "file's own float type")
+    k.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="largest safetensors shard (default 2GB)")
+    k.add_argument("--quiet", action="store_true")
     c = sub.add_parser("check", help="check an exported model in vLLM and transformers")
     c.add_argument("dir")
     c.add_argument("--backend", choices=["vllm", "transformers"], default="vllm")
@@ -381,7 +411,7 @@ def _error(console: Any, text: str) -> None:
 
 
 COMMANDS = {"run": cmd_run, "validate": cmd_validate, "check": cmd_check, "eval": cmd_eval, "serve": cmd_serve,
-            "push": cmd_push}
+            "push": cmd_push, "convert": cmd_convert}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:

@@ -15,6 +15,7 @@ unless --fresh.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -27,11 +28,13 @@ from typing import Any
 import torch
 
 from . import cpu
+from .adapters import Adapter
 from .checkpoint import DTYPES, Checkpoint, copy_side_files
 from .data import DataHub
 from .errors import UserError
 from .export import verify_shapes, weight_bytes
 from .faults import crash_point
+from .gguf import ROUNDING_NOTE, is_gguf, source_record
 from .launch import Launch
 from .loading import download, load_tokenizer, looks_like_hub_id
 from .memory import PeakMemory
@@ -55,10 +58,66 @@ log = logging.getLogger(__name__)
 # ---------------------------------------------------------------- model source
 
 
-def resolve_source(recipe: Recipe, work: Workspace) -> Path:
-    """A local directory with config.json and safetensors for the recipe's model (downloading a Hub id,
-    converting opted-in pickled weights)."""
+def gguf_input(recipe: Recipe) -> Path | None:
+    """The local GGUF file the recipe names (downloaded from the Hub for `model: org/repo` with
+    `gguf_file:`), or None when the model is not a GGUF."""
     spec = recipe.spec
+    if spec.gguf_file is None:
+        if not is_gguf(spec.model):
+            return None
+        path = Path(spec.model).expanduser()
+        if not path.is_file():
+            raise UserError(f"model: {spec.model}: no such GGUF file")
+        return path
+    where = recipe.where(("gguf_file",))
+    local = Path(spec.model).expanduser()
+    if local.is_dir():
+        if not (local / spec.gguf_file).is_file():
+            found = sorted(p.name for p in local.glob("*.gguf"))
+            raise UserError(f"{where}: gguf_file: {spec.gguf_file} is not in {local} (GGUF files there: "
+                            f"{', '.join(found) or 'none'})")
+        return local / spec.gguf_file
+    if not looks_like_hub_id(spec.model):
+        raise UserError(f"model: {spec.model}: no such directory (with gguf_file, model is a local directory or a "
+                        "Hub repository id)")
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return Path(hf_hub_download(spec.model, spec.gguf_file, revision=spec.revision))
+    except Exception as e:
+        reason = " ".join(str(e).split())[:300] or type(e).__name__
+        raise UserError(f"{where}: gguf_file: could not fetch {spec.gguf_file} from the Hugging Face Hub repository "
+                        f"{spec.model}: {type(e).__name__}: {reason}") from None
+
+
+def convert_source(recipe: Recipe, work: Workspace, gguf: Path, progress: Progress | None = None) -> Path:
+    """The GGUF converted to safetensors in the work directory (the first unit of work: a rerun with the same
+    file and dtype reuses it, --fresh keeps it, a killed conversion continues)."""
+    from .gguf import conversion_key, convert_gguf, converted_from
+
+    if not work.owns_root():
+        raise UserError(f"output: {work.root} exists and was not created by llmslim (it is where the work files "
+                        "of this output go); move it away or choose another output")
+    out = work.root / "source"
+    dtype = None if recipe.spec.dtype == "auto" else DTYPES[recipe.spec.dtype]
+    record = converted_from(out)
+    if record is not None and record.get("key") == conversion_key(gguf, dtype):
+        log.info("model: reusing the conversion of %s in %s (done in an earlier run)", gguf, out)
+        return out
+    work.create()
+    if out.exists():  # a conversion of another file or dtype, in llmslim's own work directory
+        shutil.rmtree(out)
+    convert_gguf(gguf, out, dtype=dtype, progress=progress, max_shard_bytes=_shard_bytes(recipe))
+    return out
+
+
+def resolve_source(recipe: Recipe, work: Workspace, progress: Progress | None = None) -> Path:
+    """A local directory with config.json and safetensors for the recipe's model (downloading a Hub id,
+    converting a GGUF file or opted-in pickled weights)."""
+    spec = recipe.spec
+    gguf = gguf_input(recipe)
+    if gguf is not None:
+        return convert_source(recipe, work, gguf, progress)
     path = Path(spec.model)
     if not path.exists():
         if not looks_like_hub_id(spec.model):
@@ -117,8 +176,10 @@ def pick_device(spec: str) -> torch.device:
 
 
 def protected_paths(recipe: Recipe, src_dir: Path) -> list[tuple[str, Path]]:
-    """The user's inputs that the output may never overlap: the model and every local data source."""
-    out = [("model", src_dir)]
+    """The user's inputs that the output may never overlap: the model (the GGUF file itself for a GGUF, whose
+    conversion lives in the work directory) and every local data source."""
+    gguf = gguf_input(recipe)
+    out = [("model", gguf if gguf is not None else src_dir)]
     for name, src in recipe.spec.data.items():
         if src.path is not None:
             out.append((f"data.{name}.path", Path(src.path)))
@@ -127,10 +188,11 @@ def protected_paths(recipe: Recipe, src_dir: Path) -> list[tuple[str, Path]]:
     return out
 
 
-def prepare(recipe: Recipe, work: Workspace, *, replace_output: bool = False
+def prepare(recipe: Recipe, work: Workspace, *, replace_output: bool = False, progress: Progress | None = None
             ) -> tuple[Path, Checkpoint, PlanState, list, list[PlanState]]:
-    """Resolve and verify the model, check data and output paths, and build the plan (no weights loaded)."""
-    src_dir = resolve_source(recipe, work)
+    """Resolve and verify the model, check data and output paths, and build the plan (no weights loaded but
+    a GGUF's, converted once)."""
+    src_dir = resolve_source(recipe, work, progress)
     source = Checkpoint(src_dir, trust_remote_code=recipe.spec.trust_remote_code)
     try:
         verify_shapes(src_dir, allow_extra=True)
@@ -138,17 +200,38 @@ def prepare(recipe: Recipe, work: Workspace, *, replace_output: bool = False
         raise UserError(f"model: {e}") from None
     state = PlanState(source.config, source.adapter, working_dtype(recipe, source.dtype), source_dir=src_dir)
     rows, states = make_plan(recipe, state)
-    for name, src in recipe.spec.data.items():
-        if src.path is not None and not Path(src.path).is_file():
-            raise UserError(f"{recipe.where(('data', name, 'path'))}: data.{name}.path: file not found: {src.path}")
-    check_output_paths(work, protected_paths(recipe, src_dir))
+    _check_paths(recipe, work, src_dir, replace_output)
+    return src_dir, source, state, rows, states
+
+
+def validate(recipe: Recipe, work: Workspace, *, replace_output: bool = False) -> list:
+    """The plan rows, with every check `run` makes before work starts, and nothing written: a GGUF that is
+    not converted yet is planned from its metadata (converting is work; `run` does it)."""
+    from .gguf import conversion_key, converted_from, gguf_config
+
+    gguf = gguf_input(recipe)
+    dtype = None if recipe.spec.dtype == "auto" else DTYPES[recipe.spec.dtype]
+    record = converted_from(work.root / "source") if gguf is not None else None
+    if gguf is None or (record is not None and record.get("key") == conversion_key(gguf, dtype)):
+        return prepare(recipe, work, replace_output=replace_output)[3]
+    config, info = gguf_config(gguf, dtype)
+    state = PlanState(config, Adapter.for_config(config, str(gguf)), DTYPES[config.dtype])
+    rows, _ = make_plan(recipe, state)
+    _check_paths(recipe, work, gguf, replace_output)
+    return [dataclasses.replace(rows[0], label=f"original ({info.describe()})"), *rows[1:]]
+
+
+def _check_paths(recipe: Recipe, work: Workspace, src: Path, replace_output: bool) -> None:
+    for name, src_data in recipe.spec.data.items():
+        if src_data.path is not None and not Path(src_data.path).is_file():
+            raise UserError(f"{recipe.where(('data', name, 'path'))}: data.{name}.path: file not found: {src_data.path}")
+    check_output_paths(work, protected_paths(recipe, src))
     problem = output_problem(work.output)
     if problem and not replace_output:
         raise UserError(problem)
     if not work.owns_root():
         raise UserError(f"output: {work.root} exists and was not created by llmslim (it is where the work files "
                         "of this output go); move it away or choose another output")
-    return src_dir, source, state, rows, states
 
 
 def _changed_field(old: dict, new: dict) -> str:
@@ -236,7 +319,7 @@ def run(recipe: Recipe, *, fresh: bool = False, replace_output: bool = False, pr
     progress = progress or Progress()
     launch = Launch()
     work = Workspace(recipe.spec.output)
-    src_dir, source, plan0, rows, states = prepare(recipe, work, replace_output=replace_output)
+    src_dir, source, plan0, rows, states = prepare(recipe, work, replace_output=replace_output, progress=progress)
     if not launch.is_main:
         return _follow(recipe, launch, work, src_dir, source, states, progress)
     if on_plan:
@@ -258,8 +341,8 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
               replace_output: bool) -> dict[str, Any]:
     from .publish import evaluate, export_and_report, failed_measurements, up_to_date_report
 
-    if fresh:  # start over: earlier progress and an earlier export of ours go; nothing else
-        work.remove_own()
+    if fresh:  # start over: earlier progress and an earlier export of ours go; nothing else (a GGUF's
+        work.remove_own(keep=src_dir)  # conversion is the input in another format, not progress: it stays)
     work.create()
     work.recover()
     dtype = plan0.dtype
@@ -295,6 +378,7 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
         log.info("original model: reusing its measurements from an earlier run")
 
     current = source if last < 0 else Checkpoint(work.stage_dir(last, recipe.stages[last].method))
+    gguf_source = source_record(src_dir)
     for stage in recipe.stages:
         final = work.stage_dir(stage.index, stage.method)
         if stage.index <= last:
@@ -328,6 +412,8 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
             "seconds": round(seconds, 3), "params_before": before[0], "params_after": after[0],
             "bytes_before": before[1], "bytes_after": weight_bytes(tmp), "peak_rss_bytes": mem.peak,
             "peak_note": result.peak_note, "notes": result.notes, "summary": _summary(result.notes)}
+        if gguf_source is not None:  # what every number of this stage is relative to
+            record["notes"] = {**result.notes, "source": f"{gguf_source['description']}: {ROUNDING_NOTE}"}
         write_json_atomic(tmp / STAGE_RECORD, record)  # the checkpoint carries its own record
         crash_point("stage.written")
         os.replace(tmp, final)

@@ -99,8 +99,12 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
     naming the stage field when a stage's parameters do not fit the model."""
     from .registry import load_methods
 
+    from .gguf import source_record
+
     methods = load_methods()
-    rows = [PlanRow("original", state.shape, *state.size())]
+    gguf = source_record(state.source_dir)
+    label = f"original ({gguf['description']})" if gguf else "original"
+    rows = [PlanRow(label, state.shape, *state.size())]
     states = [state]
     problems = []
     quantized_at = None

@@ -27,6 +27,7 @@ from .data import DataHub
 from .errors import UserError
 from .export import verify_shapes, weight_bytes, write_weights
 from .faults import crash_point
+from .gguf import source_record
 from .plan import PlanState
 from .progress import Progress
 from .recipe import EvalConfig, Recipe
@@ -172,6 +173,7 @@ def export_and_report(recipe: Recipe, work: Workspace, src_dir: Path, source: Ch
     before_size, after_size = rows[0], PlanState(Checkpoint(tmp).config, source.adapter, dtype).size()
     report = {
         "schema_version": SCHEMA_VERSION, "model": spec.model, "output": str(work.output),
+        "source": source_record(src_dir),  # a GGUF's format and quantization, else None
         "recipe_hash": stage_hash, "recipe_full_hash": full_hash,
         "dtype": str(dtype).removeprefix("torch."),
         "export": {"format": fmt, "files": sorted(p.name for p in tmp.iterdir()

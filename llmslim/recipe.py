@@ -156,7 +156,12 @@ class RecipeModel(Strict):
     """The top level of a recipe file."""
 
     model: str
-    """A local model directory or a Hugging Face Hub id."""
+    """A local model directory, a Hugging Face Hub id, or a llama.cpp GGUF file (`.gguf`, converted once into
+    a safetensors checkpoint in the work directory; see `gguf_file` for one on the Hub)."""
+    gguf_file: str | None = None
+    """The GGUF file to use inside `model` (a Hub repository or a local directory), e.g.
+    `SmolLM2-135M-Instruct.Q4_1.gguf`; its weights are dequantized to `dtype` (auto: float32 for quantized
+    files, which holds them exactly)."""
     revision: str | None = None
     """Hub revision (branch, tag or commit); ignored for local directories."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -225,6 +230,8 @@ class Recipe:
     def as_dict(self) -> dict[str, Any]:
         """The recipe with defaults filled in, as plain data (what is hashed and copied to the export)."""
         d = self.spec.model_dump(mode="json")
+        if d["gguf_file"] is None:  # absent rather than null: recipes without it keep their hashes
+            del d["gguf_file"]
         d["stages"] = [{"method": s.method, **s.config.model_dump(mode="json")} for s in self.stages]
         return d
 
@@ -237,6 +244,7 @@ class Recipe:
         used = {n for s in self.stages[: upto + 1] for n in s.config.data_sources()}
         key = {
             "model": d["model"], "revision": d["revision"], "dtype": d["dtype"],
+            **({"gguf_file": d["gguf_file"]} if "gguf_file" in d else {}),
             "compute_dtype": compute_dtype or d["compute_dtype"], "seed": d["seed"],
             "stages": d["stages"][: upto + 1], "data": {k: d["data"][k] for k in sorted(used)},
         }

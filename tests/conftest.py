@@ -62,6 +62,22 @@ def tiny_tok(tiny, tmp_path_factory):
     return make
 
 
+SMOLLM2_GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@pytest.fixture(scope="session")
+def smollm2(tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct converted from the GGUF that scripts/setup.sh brings (`llmslim convert`, once per
+    session): a real 135M-parameter Llama in float32 safetensors."""
+    from cli_runner import run_cli
+
+    assert SMOLLM2_GGUF.is_file(), f"{SMOLLM2_GGUF} is missing: scripts/setup.sh puts it there"
+    out = tmp_path_factory.mktemp("smollm2") / "model"
+    rc, log = run_cli("convert", str(SMOLLM2_GGUF), str(out), "--quiet")
+    assert rc == 0, log
+    return out
+
+
 @pytest.fixture(autouse=True)
 def _quiet_transformers():
     import transformers
