@@ -142,7 +142,7 @@ def prepare(recipe: Recipe, work: Workspace, *, replace_output: bool = False
         if src.path is not None and not Path(src.path).is_file():
             raise UserError(f"{recipe.where(('data', name, 'path'))}: data.{name}.path: file not found: {src.path}")
     check_output_paths(work, protected_paths(recipe, src_dir))
-    problem = output_problem(work.output)
+    problem = output_problem(work.output, hashes=False)  # a quick look; deleting looks at the content too
     if problem and not replace_output:
         raise UserError(problem)
     if not work.owns_root():
@@ -259,7 +259,7 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
     from .publish import evaluate, export_and_report, failed_measurements, up_to_date_report
 
     if fresh:  # start over: earlier progress and an earlier export of ours go; nothing else
-        work.remove_own()
+        work.remove_own(replace_output)
     work.create()
     work.recover()
     dtype = plan0.dtype

@@ -88,11 +88,21 @@ def stable(value):
     return value
 
 
+def _recorded(report: dict) -> list:
+    """The report's record of the export's files, without the sizes and hashes of the volatile ones (and
+    of the recipe copy, whose `output` differs)."""
+    def volatile(path: str) -> bool:
+        return path.split("/")[0] in VOLATILE_FILES | {"llmslim_recipe.yaml"}
+
+    return [e if not volatile(e["path"]) else {"path": e["path"]} for e in report["export"]["files"]]
+
+
 def export_differences(a: Path, b: Path) -> list[str]:
     """What differs between two exports of the same recipe (made to different outputs)."""
     names = sorted(p.name for p in a.iterdir())
-    if names != sorted(p.name for p in b.iterdir()):
-        return [f"files: {names} vs {sorted(p.name for p in b.iterdir())}"]
+    every = [sorted(p.relative_to(d).as_posix() for p in d.rglob("*")) for d in (a, b)]
+    if every[0] != every[1]:
+        return [f"files: {every[0]} vs {every[1]}"]
     diffs = []
     for name in names:
         if name == "llmslim_recipe.yaml":  # the recipes differ in `output` only
@@ -102,8 +112,10 @@ def export_differences(a: Path, b: Path) -> list[str]:
                 diffs.append(name)
         elif name not in VOLATILE_FILES and (a / name).read_bytes() != (b / name).read_bytes():
             diffs.append(name)
-    ra, rb = (stable(json.loads((d / "llmslim_report.json").read_text())) for d in (a, b))
-    if ra != rb:
+    ra, rb = (json.loads((d / "llmslim_report.json").read_text()) for d in (a, b))
+    for r in (ra, rb):
+        r["export"]["files"] = _recorded(r)
+    if stable(ra) != stable(rb):
         diffs.append("llmslim_report.json (beyond timings)")
     return diffs
 
