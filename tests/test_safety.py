@@ -122,29 +122,32 @@ def test_fresh_removes_only_what_llmslim_wrote(tiny, tmp_path):
     assert (other / "out.work" / "data.csv").read_text() == "1,2"
 
 
-@pytest.mark.parametrize("added", ["eval/my_notes.txt", "eval/sub/x.txt"])
-def test_a_file_added_inside_an_export_s_folders_is_never_deleted(cli, tiny_tok, tmp_path, added):
-    """A user's file below the top level of an export (depth 1 and 2, inside the eval/ folder llmslim
-    wrote): --fresh and a rerun that would replace the export refuse, naming it; --replace-output moves the
-    old export aside with the file in it."""
+def test_files_added_inside_an_export_s_folders_are_never_deleted(cli, tiny_tok, tmp_path):
+    """A user's files below the top level of an export (depth 1 and 2, inside the eval/ folder llmslim
+    wrote): --fresh and a rerun that would replace the export refuse, naming them; --replace-output moves
+    the old export aside with the files in it."""
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(recipe_text(tmp_path / "r", tiny_tok("llama"), eval={"perplexity": ["calib"]}))
+    recipe.write_text(recipe_text(tmp_path / "r", tiny_tok("llama"), eval={"perplexity": ["calib"]},
+                                  export={"check": "none"}))
     rc, text = cli("run", str(recipe), "--quiet")
     assert rc == 0, text
     out = tmp_path / "r" / "out"
     assert (out / "eval" / "report.json").is_file()
-    (out / added).parent.mkdir(exist_ok=True)
-    (out / added).write_text("notes")
+    added = ["eval/my_notes.txt", "eval/sub/x.txt"]
+    (out / "eval" / "sub").mkdir()
+    for name in added:
+        (out / name).write_text(f"notes {name}")
     for extra in (["--fresh"], ["--set", "eval.stride=32"]):  # start over; a changed recipe's new export
         rc, text = cli("run", str(recipe), *extra)
         line = one_error_line(text)
-        assert rc == 2 and f"earlier llmslim export with files llmslim did not write ({added})" in line, text
-        assert "--replace-output" in line and (out / added).read_text() == "notes"
+        assert rc == 2 and f"earlier llmslim export with files llmslim did not write ({', '.join(added)})" in line
+        assert "--replace-output" in line and all((out / n).read_text() == f"notes {n}" for n in added)
     rc, text = cli("run", str(recipe), "--set", "eval.stride=32", "--replace-output", "--quiet")
     assert rc == 0, text
     aside = [p for p in out.parent.iterdir() if p.name.startswith("out.replaced-")]
-    assert len(aside) == 1 and (aside[0] / added).read_text() == "notes"
-    assert not (out / added).exists() and (out / "eval" / "report.json").is_file()
+    assert len(aside) == 1 and all((aside[0] / n).read_text() == f"notes {n}" for n in added)
+    assert not (out / "eval" / "sub").exists() and not (out / added[0]).exists()
+    assert (out / "eval" / "report.json").is_file()
 
 
 def test_a_changed_file_of_an_export_is_never_deleted(cli, tiny_tok, tmp_path):
@@ -152,7 +155,8 @@ def test_a_changed_file_of_an_export_is_never_deleted(cli, tiny_tok, tmp_path):
     run starts) and a same-size edit (caught by its sha256 before anything is deleted) are refused by
     --fresh and by a replacing rerun, the file named with what differs; the work directory is kept."""
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(recipe_text(tmp_path / "r", tiny_tok("llama"), eval={"perplexity": ["calib"]}))
+    recipe.write_text(recipe_text(tmp_path / "r", tiny_tok("llama"), eval={"perplexity": ["calib"]},
+                                  export={"check": "none"}))
     rc, text = cli("run", str(recipe), "--quiet")
     assert rc == 0, text
     out = tmp_path / "r" / "out"
@@ -185,7 +189,8 @@ def test_an_earlier_llmslim_s_report_vouches_for_top_level_files_only(tiny_tok, 
     inside its folders cannot be told from added ones, so the export is not llmslim's to delete."""
     from llmslim.workspace import output_problem
 
-    run(parse_recipe(recipe_text(tmp_path / "r", tiny_tok("llama"), eval={"perplexity": ["calib"]})))
+    run(parse_recipe(recipe_text(tmp_path / "r", tiny_tok("llama"), eval={"perplexity": ["calib"]},
+                                 export={"check": "none"})))
     out = tmp_path / "r" / "out"
     report = json.loads((out / "llmslim_report.json").read_text())
     names = sorted({e["path"].split("/")[0] for e in report["export"]["files"]} - {"llmslim_report.md"})
