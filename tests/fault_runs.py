@@ -88,21 +88,23 @@ def stable(value):
     return value
 
 
-def _recorded(report: dict) -> list:
-    """The report's record of the export's files, without the sizes and hashes of the volatile ones (and
-    of the recipe copy, whose `output` differs)."""
-    def volatile(path: str) -> bool:
-        return path.split("/")[0] in VOLATILE_FILES | {"llmslim_recipe.yaml"}
+def _volatile(path: str) -> bool:
+    """Inside a volatile folder (eval/ names its model records by a hash of the model's path), or the
+    recipe copy (whose `output` differs)."""
+    return path.split("/")[0] in VOLATILE_FILES | {"llmslim_recipe.yaml"}
 
-    return [e if not volatile(e["path"]) else {"path": e["path"]} for e in report["export"]["files"]]
+
+def _paths(export: Path) -> list[str]:
+    """Every entry at any depth, volatile folders' contents left out."""
+    return sorted(p for p in (q.relative_to(export).as_posix() for q in export.rglob("*"))
+                  if "/" not in p or not _volatile(p))
 
 
 def export_differences(a: Path, b: Path) -> list[str]:
     """What differs between two exports of the same recipe (made to different outputs)."""
     names = sorted(p.name for p in a.iterdir())
-    every = [sorted(p.relative_to(d).as_posix() for p in d.rglob("*")) for d in (a, b)]
-    if every[0] != every[1]:
-        return [f"files: {every[0]} vs {every[1]}"]
+    if _paths(a) != _paths(b):
+        return [f"files: {_paths(a)} vs {_paths(b)}"]
     diffs = []
     for name in names:
         if name == "llmslim_recipe.yaml":  # the recipes differ in `output` only
@@ -113,8 +115,8 @@ def export_differences(a: Path, b: Path) -> list[str]:
         elif name not in VOLATILE_FILES and (a / name).read_bytes() != (b / name).read_bytes():
             diffs.append(name)
     ra, rb = (json.loads((d / "llmslim_report.json").read_text()) for d in (a, b))
-    for r in (ra, rb):
-        r["export"]["files"] = _recorded(r)
+    for r in (ra, rb):  # the record: sizes and hashes of every file that must be byte-identical
+        r["export"]["files"] = [e for e in r["export"]["files"] if not _volatile(e["path"])]
     if stable(ra) != stable(rb):
         diffs.append("llmslim_report.json (beyond timings)")
     return diffs
