@@ -91,7 +91,6 @@ class Audit:
     changed: list[tuple[str, str]] = field(default_factory=list)  # (path, what differs)
     missing: list[str] = field(default_factory=list)  # recorded, gone
     legacy: bool = False  # an earlier llmslim's report: top-level names only
-    record: list[dict[str, Any]] = field(default_factory=list)  # the report's entries (new format)
 
     @property
     def ours(self) -> bool:
@@ -109,6 +108,7 @@ def read_record(export: Path) -> list[Any] | None:
 
 
 def is_entry(item: Any) -> bool:
+    """Whether `item` is one file's record (not an earlier llmslim's bare name)."""
     return (isinstance(item, dict) and isinstance(item.get("path"), str) and isinstance(item.get("size"), int)
             and isinstance(item.get("sha256"), str))
 
@@ -122,8 +122,8 @@ def audit(export: Path, *, hashes: bool = True) -> Audit:
         return Audit(added=[f for f in files if f != REPORT] + [f"{d}/" for d in folders if "/" not in d])
     if not all(is_entry(e) for e in record):
         return _audit_legacy(export, record, files)
-    out = Audit(record=record)
-    recorded = {e["path"]: e for e in record if is_entry(e)}
+    out = Audit()
+    recorded = {e["path"]: e for e in record}
     parents = {p.as_posix() for rel in recorded for p in Path(rel).parents}
     out.added = [f for f in files if f != REPORT and f not in recorded]
     out.added += [f"{d}/" for d in folders if d not in parents and not any(a.startswith(d + "/") for a in out.added)]
