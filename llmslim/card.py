@@ -2,7 +2,8 @@
 
 Built from the export alone (config.json, llmslim_report.json, llmslim_recipe.yaml) and, for the license,
 the base model's own card where it is on this machine (a local model directory's README.md, or the
-Hugging Face cache); nothing is fetched. The metadata goes through huggingface_hub's ModelCardData, so the
+Hugging Face cache); nothing is fetched, and when that card cannot be read the card claims no license and
+says why. The metadata goes through huggingface_hub's ModelCardData, so the
 front matter is what the Hub parses.
 """
 
@@ -16,13 +17,14 @@ from typing import Any
 
 import yaml
 
+from .ownership import REPORT, add_to_record
 from .report import human_bytes, human_count
-from .workspace import REPORT
 
 CARD = "README.md"
 RECIPE_COPY = "llmslim_recipe.yaml"
-# The first line of the body: how `llmslim push` and `llmslim run` tell a card they wrote (which they may
-# rewrite, or replace with the export) from a README.md somebody else put into the export (which they keep).
+# The first line of the body, for readers of the file. llmslim tells its own card (which it may rewrite, or
+# replace with the export) from anybody's README.md by the report's record of it (size, sha256: write_card);
+# the marker is how exports whose report lists names only (an earlier llmslim's) were told apart.
 MARKER = "<!-- model card written by `llmslim push` from llmslim_report.json; it rewrites this file -->"
 
 QUANTIZERS = {"gptq", "rtn", "awq", "autoround"}  # post-training: the base model's weights, rounded
@@ -75,13 +77,10 @@ def card_tags(methods: list[str], config: dict[str, Any], export_format: str) ->
 
 
 def read_front_matter(readme: Path) -> dict[str, Any]:
-    """The YAML metadata of a local README.md ({} when absent or unreadable)."""
+    """The YAML metadata of a local README.md (OSError, ValueError or YAMLError when it cannot be read)."""
     from huggingface_hub.repocard import metadata_load
 
-    try:
-        return metadata_load(readme) or {}
-    except (OSError, ValueError, yaml.YAMLError):
-        return {}
+    return metadata_load(readme) or {}
 
 
 def hub_id_of(model: str) -> str | None:
@@ -96,20 +95,53 @@ def hub_id_of(model: str) -> str | None:
     return f"{match.group(1)}/{match.group(2)}" if match else None
 
 
-def base_card(model: str, revision: str | None) -> dict[str, Any]:
-    """The base model's card metadata as this machine has it: a local directory's README.md, or the
-    README.md in the Hugging Face cache for a Hub id ({} when neither is here)."""
+def base_card(model: str, revision: str | None) -> tuple[dict[str, Any], str | None]:
+    """The base model's card metadata as this machine has it (a local directory's README.md, or the one in
+    the Hugging Face cache for a Hub id; nothing is fetched), and, when there is none, why not."""
     path = Path(model)
     if path.is_dir():
-        return read_front_matter(path / CARD)
-    from huggingface_hub import try_to_load_from_cache
+        readme = path / CARD
+    else:
+        from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(model, CARD, revision=revision)
-    return read_front_matter(Path(cached)) if isinstance(cached, str) else {}
+        cached = try_to_load_from_cache(model, CARD, revision=revision)
+        if not isinstance(cached, str):
+            return {}, "its card (README.md) is not on this machine, and llmslim does not fetch it"
+        readme = Path(cached)
+    if not readme.is_file():
+        return {}, "its directory has no README.md"
+    try:
+        return read_front_matter(readme), None
+    except (OSError, ValueError, yaml.YAMLError) as e:
+        return {}, f"its README.md could not be read ({type(e).__name__}: {' '.join(str(e).split())[:120]})"
+
+
+def _trains(method: str) -> bool:
+    from .registry import load_methods
+
+    found = load_methods().get(method)
+    return bool(found and found.trains)
+
+
+def data_uses(recipe: dict[str, Any]) -> dict[str, list[str]]:
+    """What each data source of the recipe was used for: `calibration (stage 0 gptq)`, `training (stage 1
+    distill)`, `evaluation (stage 1 distill)`, `evaluation (perplexity)`."""
+    uses: dict[str, list[str]] = {}
+    for i, stage in enumerate(recipe.get("stages") or []):
+        method = stage.get("method", "?")
+        if stage.get("data"):
+            role = "training" if _trains(method) else "calibration"
+            uses.setdefault(stage["data"], []).append(f"{role} (stage {i} {method})")
+        if stage.get("eval_data"):
+            uses.setdefault(stage["eval_data"], []).append(f"evaluation (stage {i} {method})")
+    for name in (recipe.get("eval") or {}).get("perplexity") or []:
+        uses.setdefault(name, []).append("evaluation (perplexity)")
+    return uses
 
 
 def hub_datasets(recipe: dict[str, Any]) -> list[str]:
-    """The Hub datasets the stages calibrated or trained on (`dataset:` sources that are not local)."""
+    """The Hub datasets the stages calibrated or trained on (`dataset:` sources that are not local): the
+    Hub's `datasets` metadata is the data a model was made from; evaluation data is in the card's body."""
     sources = recipe.get("data") or {}
     used = [s.get("data") for s in recipe.get("stages") or []]
     out = [sources[n]["dataset"] for n in used if n in sources and sources[n].get("dataset")]
@@ -131,7 +163,7 @@ def build_card(export: Path, repo_id: str) -> str:
     config, report, recipe = _read(export)
     methods = [s["method"] for s in report.get("stages", [])]
     base_id = hub_id_of(report["model"])
-    base_meta = base_card(report["model"], recipe.get("revision"))
+    base_meta, no_card = base_card(report["model"], recipe.get("revision"))
     relation = base_model_relation(methods) if base_id else None  # the relation needs a base_model
     extra: dict[str, Any] = {k: base_meta[k] for k in ("license", "license_name", "license_link") if base_meta.get(k)}
     if relation:
@@ -139,12 +171,13 @@ def build_card(export: Path, repo_id: str) -> str:
     data = ModelCardData(base_model=base_id, library_name="transformers", pipeline_tag="text-generation",
                          tags=card_tags(methods, config, report["export"]["format"]),
                          datasets=hub_datasets(recipe) or None, **extra)
-    body = "\n".join([MARKER, "", *_body(repo_id, config, report, recipe, base_id, methods)])
+    sections = _license(base_meta, no_card) + _data(recipe)
+    body = "\n".join([MARKER, "", *_body(repo_id, config, report, recipe, base_id, methods, sections)])
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
 def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: dict[str, Any],
-          base_id: str | None, methods: list[str]) -> list[str]:
+          base_id: str | None, methods: list[str], sections: list[str]) -> list[str]:
     from .serve import usage_commands
 
     base = f"[{base_id}](https://huggingface.co/{base_id})" if base_id else f"`{Path(report['model']).name}`"
@@ -174,6 +207,7 @@ def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: 
               f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
               'inputs = tokenizer("Once upon a time", return_tensors="pt")',
               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))", "```", ""]
+    lines += sections
     if recipe:
         shown = {k: v for k, v in recipe.items() if k != "push"}  # where it was pushed is this page
         lines += ["## Recipe", "", f"`llmslim run` of this recipe made the model (also in `{RECIPE_COPY}`):", "",
@@ -234,8 +268,46 @@ def _eval_table(report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _license(meta: dict[str, Any], no_card: str | None) -> list[str]:
+    """What the card says about the license: the base model's, as its card states it, or why it is not known
+    (the front matter then has no license rather than a guess)."""
+    lines = ["## License", ""]
+    if meta.get("license"):
+        named = meta.get("license_name") or meta["license"]
+        link = f" ({meta['license_link']})" if meta.get("license_link") else ""
+        return lines + [f"`{named}`{link}, the base model's license as its card states it (this model is derived "
+                        "from its weights).", ""]
+    why = no_card or "its card states no license"
+    return lines + [f"Not stated here: llmslim could not read the base model's license ({why}). This model is "
+                    "derived from the base model's weights, so the base model's license applies: check it before "
+                    "using or sharing this model.", ""]
+
+
+def _data(recipe: dict[str, Any]) -> list[str]:
+    """Every data source the recipe used, what for, and where it came from (local files named only)."""
+    sources = recipe.get("data") or {}
+    uses = data_uses(recipe)
+    tasks = (recipe.get("eval") or {}).get("tasks") or []
+    if not uses and not tasks:
+        return []
+    lines = ["## Data", "", "| source | used for | origin |", "|---|---|---|"]
+    for name, roles in uses.items():
+        src = sources.get(name) or {}
+        dataset = src.get("dataset")
+        if dataset and not Path(dataset).exists():
+            where = f"[{dataset}](https://huggingface.co/datasets/{dataset})" + "".join(
+                f", {k} `{src[k]}`" for k in ("name", "split") if src.get(k))
+        else:
+            where = f"a local {'dataset' if dataset else 'file'} (`{Path(dataset or src.get('path') or name).name}`)"
+        lines.append(f"| {name} | {', '.join(roles)} | {where} |")
+    lines += [f"| {t} | evaluation (lm-evaluation-harness task) | its task definition |" for t in tasks]
+    return lines + ["", "The `datasets` metadata lists the Hub datasets the model was calibrated or trained on; "
+                    "evaluation data and local files are listed in this table only.", ""]
+
+
 def is_own_card(path: Path) -> bool:
-    """Whether `path` is a card llmslim wrote (its marker follows the front matter)."""
+    """Whether `path` carries the marker of a card llmslim wrote (for an earlier llmslim's exports only:
+    newer ones record the card's hash)."""
     try:
         with open(path, encoding="utf-8", errors="replace") as f:
             return MARKER in f.read(64 * 1024)
@@ -244,9 +316,12 @@ def is_own_card(path: Path) -> bool:
 
 
 def write_card(export: Path, repo_id: str) -> Path:
-    """Write the card into the export (through a temporary file and a rename); returns its path."""
+    """Write the card into the export (through a temporary file and a rename) and add it, with its size
+    and hash, to the report's record of the export's files, so that llmslim recognises it as its own (to
+    rewrite, push, or delete with the export) as long as nobody changed it; returns its path."""
     path = export / CARD
     tmp = export / f".{CARD}.tmp-{os.getpid()}"
     tmp.write_text(build_card(export, repo_id), encoding="utf-8")
     os.replace(tmp, path)
+    add_to_record(export, CARD)
     return path

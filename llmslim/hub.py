@@ -1,7 +1,10 @@
 """`llmslim push`: upload a checked export and its model card to the Hugging Face Hub.
 
-What is pushed: the files the export's report lists (what `llmslim run` wrote and checked), the two
-reports and the card (README.md, written into the export first); nothing added to the export since.
+What is pushed: exactly the files the export's report records (what `llmslim run` wrote and checked, with
+their sizes and sha256 hashes; ownership.py), the report, and the card (README.md, written into the export
+and added to the record first). An export holding anything else, at any depth, or a recorded file whose
+size or content changed since, is refused before the Hub is contacted: it is no longer what llmslim
+wrote and checked, and a file somebody put there is never published.
 
 An existing repository is never committed to unless asked: `exist_ok` (commit to main), `revision`
 (commit to that branch, created from main when missing) or `create_pr` (open a pull request).
@@ -24,20 +27,22 @@ it out, and writes it nowhere. Hub errors become one line that says what to do (
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 import re
 import shlex
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .card import CARD, is_own_card, write_card
+from .card import CARD, write_card
 from .errors import UserError
+from .ownership import REPORT, audit, is_entry
 from .report import human_bytes
-from .workspace import REPORT, Workspace
+from .workspace import Workspace
 
 if TYPE_CHECKING:
     from .recipe import PushConfig
@@ -88,7 +93,6 @@ class PushResult:
     commit_oid: str | None = None
     pr_url: str | None = None
     created_repo: bool = False
-    not_pushed: list[str] = field(default_factory=list)  # entries of the export llmslim did not write
 
     @property
     def bytes(self) -> int:
@@ -103,38 +107,67 @@ def checked_report(export: Path) -> dict[str, Any]:
         report = json.loads((export / REPORT).read_text())
         if not isinstance(report["export"]["files"], list):
             raise TypeError("export.files is not a list")
+        legacy = not all(is_entry(e) for e in report["export"]["files"])
     except FileNotFoundError:
         raise UserError(f"{export}: not an llmslim export (no {REPORT}); push exports that `llmslim run` wrote "
                         "and checked") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise UserError(f"{export / REPORT}: unreadable report ({type(e).__name__}: {e}); rerun `llmslim run` "
                         "to write the export again") from None
+    if legacy:
+        raise UserError(f"{export / REPORT}: export.files lists file names only (written by an earlier llmslim), "
+                        "not their sizes and sha256 hashes, so push cannot tell llmslim's files from files added or "
+                        "changed since; write the export again with `llmslim run RECIPE --replace-output` (the old "
+                        "one is moved aside)")
     check = report.get("check")
     if check and not check.get("passed"):
         raise UserError(f"{export}: its check failed ({REPORT}: check.passed is false: {check.get('detail')}); "
                         "llmslim does not push a model that failed its check: fix the recipe and rerun `llmslim run`")
     if not (export / "config.json").is_file():
         raise UserError(f"{export}: config.json is missing; rerun `llmslim run` to write the export again")
-    readme = export / CARD
-    if readme.exists() and not is_own_card(readme):
-        raise UserError(f"{readme}: a README.md llmslim did not write; llmslim will not replace it (push writes the "
-                        "model card there): move it out of the export and push again")
     return report
 
 
-def export_files(export: Path, report: dict[str, Any]) -> tuple[list[tuple[str, int]], list[str]]:
-    """The files to push (path in the repository, bytes), and the export's entries left out (not llmslim's)."""
-    listed = set(report["export"]["files"]) | {REPORT, "llmslim_report.md", CARD}
-    files, left_out = [], []
-    for entry in sorted(export.iterdir()):
-        if entry.name not in listed:
-            left_out.append(entry.name)
-        elif entry.is_dir():
-            files += [(p.relative_to(export).as_posix(), p.stat().st_size) for p in sorted(entry.rglob("*"))
-                      if p.is_file()]
-        elif entry.is_file():
-            files.append((entry.name, entry.stat().st_size))
-    return files, left_out
+def _more(paths: list[str]) -> str:
+    if len(paths) < 2:
+        return ""
+    return f" (and {len(paths) - 1} more: {', '.join(paths[1:4])}{' ...' if len(paths) > 4 else ''})"
+
+
+def verify_export(export: Path) -> None:
+    """Refuse, in one line, an export that is no longer exactly what llmslim wrote: a file or folder its
+    record does not list (at any depth), a recorded file whose size or sha256 differs, or one that is gone.
+    The card is llmslim's to rewrite only when it is the one llmslim recorded."""
+    found = audit(export)
+    what = "push uploads an export only as llmslim wrote it"
+    readme = export / CARD
+    if CARD in found.added:
+        raise UserError(f"{readme}: a README.md llmslim did not write; llmslim will not replace it (push writes the "
+                        "model card there): move it out of the export and push again")
+    changed = dict(found.changed)
+    if CARD in changed:
+        raise UserError(f"{readme}: changed since llmslim wrote it ({changed[CARD]}); llmslim will not replace it "
+                        "(push writes the model card there): move it out of the export and push again")
+
+    if found.added:
+        first = found.added[0]
+        raise UserError(f"{export / first}: not written by llmslim (not in {REPORT}'s export.files){_more(found.added)}; "
+                        f"{what}: move it out of the export and push again")
+    if found.changed:
+        (rel, why), others = found.changed[0], [p for p, _ in found.changed]
+        raise UserError(f"{export / rel}: changed since llmslim wrote it ({why}){_more(others)}; {what}: "
+                        "restore it, or write the export again with `llmslim run RECIPE --replace-output` (the "
+                        "changed one is moved aside)")
+    missing = [m for m in found.missing if m != CARD]  # the card is written again anyway
+    if missing:
+        raise UserError(f"{export / missing[0]}: missing (recorded in {REPORT}'s export.files){_more(missing)}; {what}: "
+                        "rerun `llmslim run` on its recipe to write the export again")
+
+
+def export_files(export: Path, report: dict[str, Any]) -> list[tuple[str, int]]:
+    """The files to push (path in the repository, bytes): those the report records, and the report."""
+    files = [(e["path"], e["size"]) for e in report["export"]["files"]]
+    return sorted(files + [(REPORT, (export / REPORT).stat().st_size)])
 
 
 def default_commit_message(report: dict[str, Any]) -> str:
@@ -151,10 +184,12 @@ def push(export: str | Path, req: PushConfig, *, dry_run: bool = False,
     problem = repo_id_problem(req.repo_id)
     if problem:
         raise UserError(f"REPO_ID: {problem}")
+    checked_report(export)
+    verify_export(export)
+    card = write_card(export, req.repo_id)  # and adds it to the record
     report = checked_report(export)
-    card = write_card(export, req.repo_id)
-    files, left_out = export_files(export, report)
-    result = PushResult(req.repo_id, files, card, not_pushed=left_out)
+    files = export_files(export, report)
+    result = PushResult(req.repo_id, files, card)
     if dry_run:
         return result
     from huggingface_hub import HfApi, get_token
@@ -173,7 +208,9 @@ def push(export: str | Path, req: PushConfig, *, dry_run: bool = False,
             on_repo_created()
         if req.revision:
             api.create_branch(req.repo_id, branch=req.revision, exist_ok=True)
-        info: Any = api.upload_folder(repo_id=req.repo_id, folder_path=export, allow_patterns=[p for p, _ in files],
+        # allow_patterns are fnmatch patterns: escaped, each matches its one file and nothing else
+        info: Any = api.upload_folder(repo_id=req.repo_id, folder_path=export,
+                                      allow_patterns=[glob.escape(p) for p, _ in files],
                                       commit_message=req.commit_message or default_commit_message(report),
                                       revision=req.revision, create_pr=req.create_pr)
     except KeyboardInterrupt:
@@ -269,8 +306,6 @@ def summary_lines(result: PushResult, dry_run: bool) -> list[str]:
     """What the command prints: every file with its size, then where it went."""
     lines = [f"  {path}  {human_bytes(size)}" for path, size in result.files]
     total = f"{len(result.files)} files, {human_bytes(result.bytes)}"
-    if result.not_pushed:
-        lines.append(f"not pushed (not written by llmslim): {', '.join(result.not_pushed)}")
     if dry_run:
         return [f"dry run: would push {total} to {result.repo_id}; card written to {result.card}", *lines]
     where = f"pull request {result.pr_url}" if result.pr_url else f"commit {result.commit_oid} ({result.commit_url})"

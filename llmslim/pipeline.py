@@ -226,7 +226,7 @@ def _check_paths(recipe: Recipe, work: Workspace, src: Path, replace_output: boo
         if src_data.path is not None and not Path(src_data.path).is_file():
             raise UserError(f"{recipe.where(('data', name, 'path'))}: data.{name}.path: file not found: {src_data.path}")
     check_output_paths(work, protected_paths(recipe, src))
-    problem = output_problem(work.output)
+    problem = output_problem(work.output, hashes=False)  # a quick look; deleting looks at the content too
     if problem and not replace_output:
         raise UserError(problem)
     if not work.owns_root():
@@ -342,7 +342,7 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
     from .publish import evaluate, export_and_report, failed_measurements, up_to_date_report
 
     if fresh:  # start over: earlier progress and an earlier export of ours go; nothing else (a GGUF's
-        work.remove_own(keep=src_dir)  # conversion is the input in another format, not progress: it stays)
+        work.remove_own(replace_output, keep=src_dir)  # conversion is the input in another format: it stays)
     work.create()
     work.recover()
     dtype = plan0.dtype

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import yaml
 
+from .card import CARD
 from .check import CheckError, check_export
 from .checkpoint import Checkpoint, LazyModel, copy_side_files, parse_size
 from .data import DataHub
@@ -28,11 +29,12 @@ from .errors import UserError
 from .export import verify_shapes, weight_bytes, write_weights
 from .faults import crash_point
 from .gguf import source_record
+from .ownership import REPORT, audit, is_entry, record_files
 from .plan import PlanState
 from .progress import Progress
 from .recipe import EvalConfig, Recipe
 from .report import SCHEMA_VERSION, render_markdown, versions
-from .workspace import REPORT, Workspace, finalize
+from .workspace import Workspace, finalize, write_json_atomic
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +76,12 @@ def up_to_date_report(work: Workspace, state: dict[str, Any], full_hash: str) ->
     except (OSError, ValueError):
         return None
     made_here = report.get("recipe_full_hash", state.get("exported")) == full_hash
-    return report if made_here and not report.get("failed_measurements") else None
+    if not made_here or report.get("failed_measurements"):
+        return None
+    # written again: an earlier llmslim's export (file names only, no sizes or hashes), and one that lost a
+    # file (the card `llmslim push` writes aside: push writes it again)
+    recorded = all(is_entry(e) for e in (report.get("export") or {}).get("files") or [None])
+    return report if recorded and set(audit(work.output, hashes=False).missing) <= {CARD} else None
 
 
 def _key(*parts: Any) -> str:
@@ -176,8 +183,7 @@ def export_and_report(recipe: Recipe, work: Workspace, src_dir: Path, source: Ch
         "source": source_record(src_dir),  # a GGUF's format and quantization, else None
         "recipe_hash": stage_hash, "recipe_full_hash": full_hash,
         "dtype": str(dtype).removeprefix("torch."),
-        "export": {"format": fmt, "files": sorted(p.name for p in tmp.iterdir()
-                                                  if p.name not in (REPORT, "llmslim_report.md"))},
+        "export": {"format": fmt, "files": []},  # recorded below, once every other file is written
         "plan": [{"label": r.label, **r.shape.__dict__, "params": r.params, "bytes": r.bytes} for r in rows],
         "stages": state["stages"],
         "size": {"before": {"params": before_size.params, "bytes": weight_bytes(src_dir)},
@@ -185,8 +191,12 @@ def export_and_report(recipe: Recipe, work: Workspace, src_dir: Path, source: Ch
         "eval": {"before": eval_before, "after": eval_after},
         "check": check, "failed_measurements": failed, "versions": versions(),
     }
-    (tmp / "llmslim_report.md").write_text(render_markdown(report))
-    (tmp / REPORT).write_text(json.dumps(report, indent=2) + "\n")
+    (tmp / "llmslim_report.md").write_text(render_markdown(report))  # (it does not show the record)
+    # Every file llmslim wrote, at any depth, with its size and sha256: what `--fresh`, a replacing run and
+    # `llmslim push` compare the export with, so that a file added or changed since is never deleted or
+    # published (ownership.py). One more read of each file, after all writing is done.
+    report["export"]["files"] = record_files(tmp)
+    write_json_atomic(tmp / REPORT, report)
     finalize(tmp, work, replace_output)
     crash_point("finalize.done")
     state["exported"] = full_hash

@@ -9,9 +9,10 @@
         export.tmp/             the export being assembled;  old-export/  the previous one during the swap
 
 The rules that keep users' files safe: llmslim deletes only directories it marked as its own (the work
-directory) or exports it wrote (a report lists their files) to which nothing was added; `output` may not
-overlap the model or any data source; anything else at `output` is refused, or with --replace-output
-moved aside (renamed, never deleted).
+directory) or exports it wrote whose files are exactly those their report records, at any depth, with
+the recorded sizes and sha256 hashes (ownership.py); `output` may not overlap the model or any data
+source; anything else at `output` is refused, or with --replace-output moved aside (renamed, never
+deleted).
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ from typing import Any
 
 from .errors import UserError
 from .faults import crash_point
+from .ownership import REPORT, audit, describe
 
 log = logging.getLogger(__name__)
 
-REPORT = "llmslim_report.json"
 WORK_MARKER = ".llmslim-work"
 STAGE_RECORD = "llmslim_stage.json"
 
@@ -74,20 +75,24 @@ class Workspace:
             os.replace(self.trash, self.output)
             log.info("%s: restored the previous export (a run was killed while replacing it)", self.output)
 
-    def remove_own(self, keep: Path | None = None) -> None:
-        """--fresh: remove the work directory and an export of ours at `output`; nothing else. `keep`, an
-        entry of the work directory (a GGUF's conversion), stays."""
+    def remove_own(self, replace_output: bool = False, keep: Path | None = None) -> None:
+        """--fresh: remove the work directory and an export of ours at `output`; nothing else. Anything
+        else at `output` is refused before anything is removed (with --replace-output it stays, for
+        `finalize` to move aside). `keep`, an entry of the work directory (a GGUF's conversion), stays."""
+        if self.root.exists() and not self.owns_root():
+            raise UserError(f"output: {self.root} exists and was not created by llmslim; --fresh will not "
+                            "delete it: move it away or choose another output")
+        problem = output_problem(self.output)  # sizes and hashes: the last look before deleting
+        if problem and not replace_output:
+            raise UserError(problem)
         if self.root.exists():
-            if not self.owns_root():
-                raise UserError(f"output: {self.root} exists and was not created by llmslim; --fresh will not "
-                                "delete it: move it away or choose another output")
             if keep is not None and keep.parent == self.root and keep.exists():
                 for entry in self.root.iterdir():
                     if entry != keep and entry.name != WORK_MARKER:
                         _remove(entry)
             else:
                 shutil.rmtree(self.root)
-        if self.output.exists() and output_problem(self.output) is None:
+        if self.output.exists() and problem is None:
             _remove(self.output)
 
 
@@ -134,24 +139,10 @@ def is_export(path: Path) -> bool:
     return (path / REPORT).is_file()
 
 
-def foreign_entries(export: Path) -> list[str]:
-    """Entries of an llmslim export that its report does not list: files somebody added since."""
-    try:
-        report = json.loads((export / REPORT).read_text())
-        listed = set(report["export"]["files"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return sorted(p.name for p in export.iterdir() if p.name != REPORT)
-    from .card import CARD, is_own_card  # (card imports this module)
-
-    listed |= {REPORT, "llmslim_report.md"}
-    if is_own_card(export / CARD):  # the model card `llmslim push` wrote into the export
-        listed.add(CARD)
-    return sorted(p.name for p in export.iterdir() if p.name not in listed)
-
-
-def output_problem(output: Path) -> str | None:
+def output_problem(output: Path, *, hashes: bool = True) -> str | None:
     """Why llmslim may not replace what is at `output` (None: nothing there, an empty directory, or an
-    export llmslim wrote to which nothing was added)."""
+    export llmslim wrote whose files are still exactly those its report records). hashes=False: names and
+    sizes only, the quick look a run takes before it starts (what deletes compares the content too)."""
     if not output.exists() and not output.is_symlink():
         return None
     if output.is_symlink() or not output.is_dir():
@@ -163,11 +154,11 @@ def output_problem(output: Path) -> str | None:
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
         return (f"output: {output} exists and is not an llmslim export (it holds {shown}); llmslim will not "
                 "replace it: choose another output, or pass --replace-output to have it moved aside")
-    added = foreign_entries(output)
-    if added:
-        return (f"output: {output} is an earlier llmslim export with files llmslim did not write "
-                f"({', '.join(added[:3])}); llmslim will not delete them: move them away, choose another output, "
-                "or pass --replace-output to have the old export moved aside")
+    found = audit(output, hashes=hashes)
+    if not found.ours:
+        return (f"output: {output} is an earlier llmslim export with {describe(found)}; llmslim will not delete "
+                "them: move them out of the export, choose another output, or pass --replace-output to have the "
+                "old export moved aside")
     return None
 
 

@@ -90,11 +90,17 @@ def token_only_in_authorization(hub: FakeHub, *texts: str, root: Path | None = N
         assert not f.is_file() or TOKEN.encode() not in f.read_bytes(), f
 
 
+def recorded(export: Path) -> list[str]:
+    """What push must upload: the files the report records (the card among them once written), and the report."""
+    report = json.loads((export / "llmslim_report.json").read_text())
+    return sorted([e["path"] for e in report["export"]["files"]] + ["llmslim_report.json"])
+
+
 def assert_repo_holds_export(hub: FakeHub, repo_id: str, export: Path, ref: str = "main") -> None:
-    files, _ = export_files(export, checked_report(export))
     on_hub = hub.repos[repo_id].refs[ref]
-    assert sorted(on_hub) == sorted(p for p, _ in files)
-    for path, _ in files:
+    assert sorted(on_hub) == recorded(export) and "README.md" in on_hub
+    assert sorted(p for p, _ in export_files(export, checked_report(export))) == recorded(export)
+    for path in on_hub:
         assert on_hub[path]["content"] == (export / path).read_bytes(), path
 
 
@@ -192,6 +198,49 @@ def test_card_front_matter_from_a_local_base(tmp_path):
     assert "datasets" not in meta
 
 
+def test_card_says_where_the_license_and_the_data_come_from(tmp_path, monkeypatch):
+    """When the base model's card cannot be read (a Hub base not in the cache, a local base without a
+    README.md, an unreadable one) the card says the license is not stated and why, and claims none; every
+    data source is listed with what it was used for: calibration, training, a training stage's evaluation,
+    perplexity, lm-eval tasks. The `datasets` metadata keeps the Hub datasets the weights came from."""
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "empty-cache"))
+    data = {"calib": {"dataset": "allenai/c4"}, "train": {"path": str(tmp_path / "train.txt")},
+            "heldout": {"path": str(tmp_path / "heldout.txt")},
+            "wiki": {"dataset": "wikitext", "name": "wikitext-2-raw-v1", "split": "test"}}
+    export = fixture_export(tmp_path / "e", "org/uncached", ["gptq", "distill"], data)
+    recipe = yaml.safe_load((export / "llmslim_recipe.yaml").read_text())
+    recipe["stages"] = [{"method": "gptq", "data": "calib"},
+                        {"method": "distill", "data": "train", "eval_data": "heldout"}]
+    recipe["eval"] = {"perplexity": ["wiki"], "tasks": ["hellaswag"]}
+    (export / "llmslim_recipe.yaml").write_text(yaml.safe_dump(recipe))
+    text = build_card(export, "me/x")
+    meta = front_matter(text)
+    assert "license" not in meta and meta["datasets"] == ["allenai/c4"]
+    assert "## License\n\nNot stated here: llmslim could not read the base model's license (its card (README.md) " \
+           "is not on this machine, and llmslim does not fetch it)" in text
+    assert "the base model's license applies: check it" in text
+    for row in ["| calib | calibration (stage 0 gptq) | [allenai/c4](https://huggingface.co/datasets/allenai/c4) |",
+                "| train | training (stage 1 distill) | a local file (`train.txt`) |",
+                "| heldout | evaluation (stage 1 distill) | a local file (`heldout.txt`) |",
+                "| wiki | evaluation (perplexity) | [wikitext](https://huggingface.co/datasets/wikitext), name "
+                "`wikitext-2-raw-v1`, split `test` |",
+                "| hellaswag | evaluation (lm-evaluation-harness task) |"]:
+        assert row in text, row
+
+    base = tmp_path / "base"
+    base.mkdir()
+    local = fixture_export(tmp_path / "l", str(base), ["prune_ffn"], {"calib": {"path": "t.txt"}})
+    assert "license (its directory has no README.md)" in build_card(local, "me/l")
+    (base / "README.md").write_text("---\nlicense: [unclosed\n---\n")
+    text = build_card(local, "me/l")
+    assert "license (its README.md could not be read (" in text and "license" not in front_matter(text)
+    (base / "README.md").write_text("---\ntags: [x]\n---\n")
+    assert "license (its card states no license)" in build_card(local, "me/l")
+    (base / "README.md").write_text("---\nlicense: mit\n---\n")
+    text = build_card(local, "me/l")
+    assert front_matter(text)["license"] == "mit" and "`mit`, the base model's license as its card states it" in text
+
+
 def test_card_of_a_real_export(copy):
     from llmslim.card import write_card
 
@@ -219,7 +268,7 @@ def test_dry_run_writes_the_card_lists_files_and_sends_nothing(copy, hub_env):
     rc, out = run_cli("push", str(copy), "me/tiny", "--dry-run", env={**env, "HF_TOKEN": None})
     assert rc == 0, out
     assert (copy / "README.md").is_file() and MARKER in (copy / "README.md").read_text()
-    files, _ = export_files(copy, checked_report(copy))
+    files = export_files(copy, checked_report(copy))
     assert f"would push {len(files)} files" in out
     for path, size in files:
         from llmslim.report import human_bytes
@@ -255,8 +304,51 @@ def test_the_card_counts_as_llmslim_s_own_file_in_the_export(copy):
 
     push(copy, PushConfig(repo_id="me/tiny"), dry_run=True)
     assert output_problem(copy) is None
-    (copy / "README.md").write_text("my own notes")
-    assert "files llmslim did not write (README.md)" in (output_problem(copy) or "")
+    push(copy, PushConfig(repo_id="me/other"), dry_run=True)  # a second push rewrites its own card
+    assert output_problem(copy) is None and "me/other" in (copy / "README.md").read_text()
+    (copy / "README.md").write_text((copy / "README.md").read_text() + "my own notes")
+    assert "files changed since llmslim wrote them (README.md (size" in (output_problem(copy) or "")
+    with pytest.raises(UserError, match=r"README.md: changed since llmslim wrote it .*will not replace it"):
+        push(copy, PushConfig(repo_id="me/tiny"), dry_run=True)
+    assert (copy / "README.md").read_text().endswith("my own notes")
+
+
+@pytest.mark.parametrize("added", ["eval/my_notes.txt", "eval/sub/x.txt"])
+def test_a_file_added_inside_the_export_s_folders_is_neither_pushed_nor_published(copy, hub_env, added):
+    """A user's file at depth 1 or 2, inside the eval/ folder llmslim wrote: push refuses, naming it; the Hub
+    is not contacted, no card is written."""
+    hub, env = hub_env(lfs_suffixes=())
+    (copy / added).parent.mkdir(exist_ok=True)
+    (copy / added).write_text("private notes")
+    for dry in ([], ["--dry-run"]):
+        rc, out = run_cli("push", str(copy), "me/tiny", *dry, env=env)
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errors) == 1 and "Traceback" not in out, out
+        assert f"{copy / added}: not written by llmslim (not in llmslim_report.json's export.files)" in errors[0]
+        assert "move it out of the export" in errors[0]
+    assert hub.requests == [] and not (copy / "README.md").exists()
+
+
+@pytest.mark.parametrize("change", ["size", "content"])
+def test_push_refuses_an_export_whose_files_changed(copy, hub_env, change):
+    """A recorded file edited since `llmslim run` wrote it (another size; or the same size, other bytes):
+    one line naming the file and what changed, exit 2, nothing sent."""
+    hub, env = hub_env(lfs_suffixes=())
+    if change == "size":
+        target = copy / "eval" / "report.md"
+        target.write_text(target.read_text() + "edited\n")
+        expected = "eval/report.md: changed since llmslim wrote it (size "
+    else:
+        target = next(iter(sorted(copy.glob("*.safetensors"))))
+        data = bytearray(target.read_bytes())
+        data[-1] ^= 0xFF
+        target.write_bytes(bytes(data))
+        expected = f"{target.name}: changed since llmslim wrote it (same size, sha256 "
+    rc, out = run_cli("push", str(copy), "me/tiny", env=env)
+    errors = [line for line in out.splitlines() if line.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in out, out
+    assert f"{copy}/{expected}" in errors[0] and "`llmslim run RECIPE --replace-output`" in errors[0], errors[0]
+    assert hub.requests == [] and not (copy / "README.md").exists()
 
 
 def test_no_token_is_one_line_and_no_request(copy, hub_env, monkeypatch, tmp_path):

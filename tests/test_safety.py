@@ -122,6 +122,104 @@ def test_fresh_removes_only_what_llmslim_wrote(tiny, tmp_path):
     assert (other / "out.work" / "data.csv").read_text() == "1,2"
 
 
+def test_files_added_inside_an_export_s_folders_are_never_deleted(cli, tiny_tok, tmp_path):
+    """A user's files below the top level of an export (depth 1 and 2, inside the eval/ folder llmslim
+    wrote): --fresh and a rerun that would replace the export refuse, naming them; --replace-output moves
+    the old export aside with the files in it."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text(tmp_path / "r", tiny_tok("llama"), eval={"perplexity": ["calib"]},
+                                  export={"check": "none"}))
+    rc, text = cli("run", str(recipe), "--quiet")
+    assert rc == 0, text
+    out = tmp_path / "r" / "out"
+    assert (out / "eval" / "report.json").is_file()
+    added = ["eval/my_notes.txt", "eval/sub/x.txt"]
+    (out / "eval" / "sub").mkdir()
+    for name in added:
+        (out / name).write_text(f"notes {name}")
+    for extra in (["--fresh"], ["--set", "eval.stride=32"]):  # start over; a changed recipe's new export
+        rc, text = cli("run", str(recipe), *extra)
+        line = one_error_line(text)
+        assert rc == 2 and f"earlier llmslim export with files llmslim did not write ({', '.join(added)})" in line
+        assert "--replace-output" in line and all((out / n).read_text() == f"notes {n}" for n in added)
+    rc, text = cli("run", str(recipe), "--set", "eval.stride=32", "--replace-output", "--quiet")
+    assert rc == 0, text
+    aside = [p for p in out.parent.iterdir() if p.name.startswith("out.replaced-")]
+    assert len(aside) == 1 and all((aside[0] / n).read_text() == f"notes {n}" for n in added)
+    assert not (out / "eval" / "sub").exists() and not (out / added[0]).exists()
+    assert (out / "eval" / "report.json").is_file()
+
+
+def test_a_changed_file_of_an_export_is_never_deleted(cli, tiny_tok, tmp_path):
+    """A recorded file changed since llmslim wrote it is the user's now: a changed size (caught before the
+    run starts) and a same-size edit (caught by its sha256 before anything is deleted) are refused by
+    --fresh and by a replacing rerun, the file named with what differs; the work directory is kept."""
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(recipe_text(tmp_path / "r", tiny_tok("llama"), eval={"perplexity": ["calib"]},
+                                  export={"check": "none"}))
+    rc, text = cli("run", str(recipe), "--quiet")
+    assert rc == 0, text
+    out = tmp_path / "r" / "out"
+    report = json.loads((out / "llmslim_report.json").read_text())
+    recorded = {e["path"]: e for e in report["export"]["files"]}
+    assert {"config.json", "model.safetensors", "llmslim_report.md", "eval/report.json"} <= set(recorded)
+    assert "llmslim_report.json" not in recorded
+    assert recorded["eval/report.json"]["size"] == (out / "eval" / "report.json").stat().st_size
+    md = out / "eval" / "report.md"
+    md.write_text(md.read_text() + "my comments\n")
+    for extra in (["--fresh"], ["--set", "eval.stride=32"]):
+        rc, text = cli("run", str(recipe), *extra)
+        line = one_error_line(text)
+        assert rc == 2 and "files changed since llmslim wrote them (eval/report.md (size " in line, text
+        assert "my comments" in md.read_text()
+    md.write_text(md.read_text().replace("my comments\n", ""))  # back to the recorded file
+    recipe_copy = out / "llmslim_recipe.yaml"
+    edited = recipe_copy.read_text().replace("seed: 0", "seed: 7")
+    assert len(edited) == len(recipe_copy.read_text())
+    recipe_copy.write_text(edited)  # same size, other content
+    for extra in (["--fresh"], ["--set", "eval.stride=32"]):
+        rc, text = cli("run", str(recipe), *extra, "--quiet")
+        line = one_error_line(text)
+        assert rc == 2 and "files changed since llmslim wrote them (llmslim_recipe.yaml (same size, sha256" in line
+        assert recipe_copy.read_text() == edited and (tmp_path / "r" / "out.work" / "state.json").is_file()
+
+
+def test_an_earlier_llmslim_s_report_vouches_for_top_level_files_only(tiny_tok, tmp_path):
+    """A report that lists top-level names (as llmslim wrote before it recorded sizes and hashes): the files
+    inside its folders cannot be told from added ones, so the export is not llmslim's to delete."""
+    from llmslim.workspace import output_problem
+
+    run(parse_recipe(recipe_text(tmp_path / "r", tiny_tok("llama"), eval={"perplexity": ["calib"]},
+                                 export={"check": "none"})))
+    out = tmp_path / "r" / "out"
+    report = json.loads((out / "llmslim_report.json").read_text())
+    names = sorted({e["path"].split("/")[0] for e in report["export"]["files"]} - {"llmslim_report.md"})
+    report["export"]["files"] = [n for n in names if n != "eval"]
+    (out / "llmslim_report.json").write_text(json.dumps(report))
+    shutil.rmtree(out / "eval")
+    assert output_problem(out) is None  # top-level files only: as before
+    report["export"]["files"] = names
+    (out / "llmslim_report.json").write_text(json.dumps(report))
+    (out / "eval").mkdir()
+    (out / "eval" / "report.json").write_text("{}")
+    problem = output_problem(out) or ""
+    assert "files llmslim did not write (eval/report.json)" in problem and "top-level names only" in problem
+
+
+@pytest.mark.parametrize("where", ["", "eval", "eval/mine"])
+def test_eval_does_not_write_into_an_export(cli, tmp_path, where):
+    """`llmslim eval --out` inside an export would add or overwrite files of its record: refused before
+    anything is loaded or written."""
+    export = tmp_path / "out"
+    (export / "eval").mkdir(parents=True)
+    (export / "llmslim_report.json").write_text(json.dumps({"export": {"files": []}}))
+    out = export / where
+    rc, text = cli("eval", str(tmp_path / "no-model"), "--out", str(out))
+    line = one_error_line(text)
+    assert rc == 2 and f"--out {out}: lies inside the llmslim export {export.resolve()}" in line, text
+    assert sorted(p.relative_to(export).as_posix() for p in export.rglob("*")) == ["eval", "llmslim_report.json"]
+
+
 # ---------------------------------------------------------------- bad files, one line
 
 

@@ -308,6 +308,13 @@ def run_eval(req: EvalRequest, progress: Progress | None = None) -> dict[str, An
         raise UserError(f"task batch size {req.task_batch_size}: must be at least 1")
     if req.out.exists() and not req.out.is_dir():
         raise UserError(f"--out {req.out}: exists and is not a directory; give a directory for the report")
+    from ..ownership import REPORT, export_containing
+
+    inside = export_containing(req.out)
+    if inside is not None:  # what it wrote there would make the export not llmslim's to replace or push
+        raise UserError(f"--out {req.out}: lies inside the llmslim export {inside}, whose files its {REPORT} "
+                        "records (a file added or changed there makes llmslim refuse to replace or push it); "
+                        "give a directory outside the export")
     t = req.throughput
     for flag, value, least in (("--prompt-len", t.prompt_len, 1), ("--gen-len", t.gen_len, 1),
                                ("--repeats", t.repeats, 1), ("--warmup", t.warmup, 0), ("--seq-len", req.seq_len, 2)):
