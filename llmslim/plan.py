@@ -97,9 +97,8 @@ class PlanRow:
 def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanState]]:
     """Rows (the original, then one per stage) and the PlanState after each stage. Raises RecipeError
     naming the stage field when a stage's parameters do not fit the model."""
-    from .registry import load_methods
-
     from .gguf import source_record
+    from .registry import load_methods
 
     methods = load_methods()
     gguf = source_record(state.source_dir)

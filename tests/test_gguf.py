@@ -16,6 +16,7 @@ from conftest import SMOLLM2_GGUF as SMOLLM2
 from gguf_files import write_gguf
 from tiny_models import add_tokenizer, save_tiny, tiny_recipe
 
+
 def one_error_line(out: str) -> str:
     """The single `error:` line of a refused command (no traceback, nothing else said as an error)."""
     assert "Traceback" not in out, out
