@@ -46,6 +46,7 @@ class PlanState:
     quant: WeightFormat | None = None
     source_dir: Path | None = None  # the recipe's model directory (e.g. to compare a teacher's tokenizer)
     awq_grid: tuple[int, int, bool, tuple[str, ...]] | None = None  # (bits, group_size, symmetric, ignore) of an awq stage
+    original: PretrainedConfig | None = None  # the recipe's model before the first stage (the default teacher)
 
     def with_config(self, config: PretrainedConfig) -> PlanState:
         """This state with a new config (and the adapter of its architecture, which a stage may change)."""
@@ -101,6 +102,8 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
     from .registry import load_methods
 
     methods = load_methods()
+    if state.original is None:
+        state = replace(state, original=state.config)
     gguf = source_record(state.source_dir)
     label = f"original ({gguf['description']})" if gguf else "original"
     rows = [PlanRow(label, state.shape, *state.size())]

@@ -4,8 +4,9 @@ The student is the stage's input (what the earlier stages left); the teacher is 
 (or `teacher:`). The loss terms, the layer mapping of the hidden term and the loop are
 llmslim.training.student (shared with qat); width pruning keeps hidden_size, so hidden states compare
 directly. trainable: all trains every weight in float32; lora trains peft adapters and merges them
-before the checkpoint is written. The plan refuses a teacher with another vocabulary or tokenizer, and
-a hidden term with no mappable layers.
+before the checkpoint is written. The plan refuses a teacher with another vocabulary or tokenizer, a
+hidden term with no mappable layers, and a `hidden_layers` pair naming a layer the student (as the
+earlier stages leave it) or the teacher (the recipe's model as loaded, or `teacher:`) does not have.
 """
 
 from __future__ import annotations
@@ -52,7 +53,9 @@ def plan(state: PlanState, cfg: DistillConfig) -> PlanState:
         raise PlanError("loss", f"loss.balance {cfg.loss.balance}: the load-balancing term needs an MoE student "
                                 f"(Mixtral, Qwen2-MoE, Qwen3-MoE; e.g. after moefy); this one is "
                                 f"'{state.config.model_type}'")
-    teacher_layers, teacher_hidden = None, None
+    # the default teacher is the recipe's model as loaded, whatever the stages before this one cut
+    teacher_layers = state.original.num_hidden_layers if state.original is not None else None
+    teacher_hidden = None
     if cfg.teacher is not None and cfg.uses_teacher:
         tc = _teacher_config(cfg.teacher)
         if tc.vocab_size != shape.vocab:
@@ -73,7 +76,8 @@ def plan(state: PlanState, cfg: DistillConfig) -> PlanState:
                     raise PlanError("hidden_layers", f"student layer {s} does not exist (the student has "
                                                      f"{shape.layers} layers here)")
                 if teacher_layers is not None and not 0 <= t < teacher_layers:
-                    raise PlanError("hidden_layers", f"teacher layer {t} does not exist (the teacher has "
+                    who = "the teacher" if cfg.teacher else "the teacher, the recipe's model before the first stage,"
+                    raise PlanError("hidden_layers", f"teacher layer {t} does not exist ({who} has "
                                                      f"{teacher_layers} layers)")
     return state
 

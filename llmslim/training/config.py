@@ -84,8 +84,10 @@ class TrainFields(MethodConfig):
     teacher_offload: bool = False
     """Run the teacher one decoder layer at a time from disk (memory: one layer) instead of keeping it in memory."""
     teacher_topk: int | None = Field(default=None, gt=0)
-    """Cache the teacher's top-k logits of every training window on disk in the first epoch and distill
-    against them (renormalised over the k tokens) in later epochs; logits term only."""
+    """Distill against the teacher's k largest logits per token (renormalised over them; forward KL, logits
+    term only) instead of its full distribution, cached on disk per training window: a teacher forward
+    computes them the first time a step draws the window (the first epoch), later epochs read them back
+    and run no teacher forward (the teacher stays loaded for the stage)."""
     trainable: Literal["all", "lora"] = "all"
     """What trains: every weight, or LoRA adapters (merged into the weights at the end)."""
     lora: LoraFields = LoraFields()
@@ -101,7 +103,8 @@ class TrainFields(MethodConfig):
     save_every: int = Field(default=100, gt=0)
     """Steps between checkpoints of the training state (a killed run resumes from the last one)."""
     logits_chunk: int = Field(default=8192, gt=0)
-    """Vocabulary chunk of the logits loss (float32 memory: tokens x chunk per side)."""
+    """Vocabulary chunk of the logits loss: its working memory is a few float32 [tokens x chunk] blocks on top
+    of the logits and their gradient (no float32 copy of tokens x vocabulary)."""
 
     @model_validator(mode="after")
     def _check_training(self) -> TrainFields:
@@ -113,6 +116,11 @@ class TrainFields(MethodConfig):
             raise ValueError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps})")
         if self.teacher_topk is not None and self.loss.hidden:
             raise ValueError("teacher_topk caches logits only: it cannot serve the hidden term; set loss.hidden 0")
+        if self.teacher_topk is not None and self.reverse_kl:
+            # the reverse KL needs the teacher's log-probability at every token the student puts mass on; a
+            # top-k teacher has none outside its k tokens, so the term would be infinite (or silently dropped)
+            raise ValueError(f"reverse_kl {self.reverse_kl}: teacher_topk distills with forward KL only (the "
+                             "teacher is known on its top k tokens alone); set reverse_kl 0 or drop teacher_topk")
         if self.eval_every and self.eval_data is None:
             raise ValueError("eval_every needs eval_data: the source to measure perplexity on")
         return self

@@ -65,7 +65,7 @@ def make_loss(cfg: TrainFields, teacher: Teacher | None, cache: TopKCache | None
             if cache is not None:
                 values, indices = cache.get(teacher, ids, tokens)
                 kl = losses.kl_topk(logits, values.to(logits.device), indices.to(logits.device),
-                                    temperature=cfg.temperature)
+                                    temperature=cfg.temperature, chunk=cfg.logits_chunk)
                 t_hidden: dict[int, Tensor] = {}
             else:
                 assert teacher is not None

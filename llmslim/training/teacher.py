@@ -74,8 +74,12 @@ class Teacher:
 
 
 class TopKCache:
-    """The teacher's top-k logits of each training window, computed once and kept on disk (one safetensors
-    file per window, written atomically), so later epochs need no teacher forward."""
+    """The teacher's top-k logits of each training window, kept on disk (one safetensors file per window,
+    written atomically). A window's file is computed by a teacher forward the first time a step draws it
+    (the first epoch: every epoch visits every window) and read back every later time, so later epochs run
+    no teacher forward. Every step, the first epoch's included, distills against the top k
+    (losses.kl_topk), never the full logits. The teacher stays loaded for the whole stage to serve misses;
+    only a resumed run that finds every window cached starts without one (training.student)."""
 
     def __init__(self, directory: Path, k: int):
         self.dir, self.k = directory, k
