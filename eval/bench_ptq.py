@@ -29,7 +29,7 @@ import argparse
 import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,9 @@ from bench_gptq import (
 
 ROWS = [(3, -1), (4, -1), (4, 32)]
 REFERENCE = REPO / "llmslim" / "assets" / "reference"
+SMOLLM2_GGUF = REPO / "models" / "SmolLM2-135M-Instruct.Q4_1.gguf"  # scripts/setup.sh
+WIKI_VALID = DEV.parents[1] / "wikitext-2" / "valid.txt"
+WIKI_TEST = DEV.parents[1] / "wikitext-2" / "test.txt"
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,9 @@ class Subject:
     narrow: tuple[str, ...]  # Linears whose input width 32 does not divide (kept unquantized at g32)
     dtype: str  # the dtype every tool works in
     results: Path
+    rows: tuple[tuple[int, int], ...] = tuple(ROWS)  # (bits, group size)
+    columns: tuple[str, ...] | None = None  # our columns to run (None: all); anchors: all of theirs
+    iters: tuple[int, ...] = (50, 200)  # learned rounding's step counts, ours and auto-round's
 
 
 SUBJECTS = {
@@ -72,6 +78,13 @@ SUBJECTS = {
                        512, 128, ("down_proj",), "float32", REPO / "eval" / "results" / "bench_ptq.json"),
     "reference": Subject(REFERENCE, {"path": str(REFERENCE / "calib.txt")}, {"path": str(REFERENCE / "eval.txt")},
                          256, 112, (), "float32", REPO / "eval" / "results" / "bench_ptq_reference.json"),
+    # SmolLM2-135M-Instruct (the GGUF converted to float32 by `llmslim convert` into --work): 16 x 512 tokens of
+    # WikiText-2 valid, perplexity on the first 32 windows of 512 tokens of test (16,384 tokens)
+    "smollm2": Subject(Path("smollm2"), {"path": str(WIKI_VALID)}, {"path": str(WIKI_TEST), "samples": 32},
+                       512, 16, (), "float32", REPO / "eval" / "results" / "bench_ptq_smollm2.json",
+                       rows=((4, 64), (3, 64)), iters=(50,),
+                       columns=("rtn minmax", "gptq minmax", "gptq mse", "awq + gptq mse", "autoround 50",
+                                "gptq mse mixed 3.5 bits")),
 }
 
 
@@ -92,15 +105,15 @@ def collected_anchor(work: Path, name: str, phase: str, tool: str) -> dict[str, 
     return collected(work / "logs" / f"{name}.log", timing, tool)
 
 
-def our_columns(bits: int, group: int, iters: list[int], narrow: tuple[str, ...] = ()
-                ) -> dict[str, list[dict[str, Any]]]:
-    """Column name -> the recipe's stages, for one grid."""
+def our_columns(bits: int, group: int, iters: list[int], narrow: tuple[str, ...] = (),
+                only: tuple[str, ...] | None = None) -> dict[str, list[dict[str, Any]]]:
+    """Column name -> the recipe's stages, for one grid (`only`: these columns)."""
     # g32 on stories260K: the 172-wide down_proj stays unquantized, as both anchors keep it (the same Linears
     # quantized); awq is told too, so that it does not scale what is not quantized
     grid = {"bits": bits, "group_size": group, "symmetric": True, **({"ignore": ["lm_head", *narrow]}
                                                                       if group != -1 and narrow else {})}
     gptq = {"method": "gptq", "data": "calib", **grid, **GPTQ}
-    return {
+    columns = {
         "rtn minmax": [{"method": "rtn", **grid}],
         "rtn mse": [{"method": "rtn", **grid, "observer": "mse"}],
         "gptq minmax": [gptq],
@@ -111,6 +124,9 @@ def our_columns(bits: int, group: int, iters: list[int], narrow: tuple[str, ...]
         **{f"awq + autoround {n}": [{"method": "awq", "data": "calib", **grid},
                                     {"method": "autoround", "data": "calib", **grid, "iters": n}] for n in iters},
     }
+    if bits == 3:  # mixed precision: some targets at 4 bits, 3.5 bits per weight on average (more bytes than W3)
+        columns["gptq mse mixed 3.5 bits"] = [{**gptq, "observer": "mse", "mixed": {"target_bits": 3.5, "high_bits": 4}}]
+    return {k: v for k, v in columns.items() if only is None or k in only}
 
 
 def write_recipe(path: Path, output: Path, samples: int, stages: list[dict[str, Any]], subject: Subject,
@@ -132,6 +148,16 @@ def run_ours(recipe: Path, output: Path, log: Path) -> dict[str, Any]:
     return {"tool": "ours", **result, "quant_s": sum(s["seconds"] for s in stages)}
 
 
+def smollm2_model(work: Path) -> Path:
+    """SmolLM2-135M-Instruct converted from its GGUF (scripts/setup.sh brings it) to float32 safetensors in
+    `work`, once: every tool, ours and the anchors, starts from these very weights."""
+    out = work / "smollm2-f32"
+    if not (out / "config.json").is_file():
+        say(f"converting {SMOLLM2_GGUF} to {out}")
+        run_child([str(OURS_CLI), "convert", str(SMOLLM2_GGUF), str(out), "--quiet"], work / "logs" / "convert.log")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=list(SUBJECTS), default="stories",
@@ -139,9 +165,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="16 calibration and 16 evaluation windows")
     p.add_argument("--work", type=Path, default=Path("/tmp/llmslim-bench-ptq"))
     p.add_argument("--no-anchor", action="store_true", help="ours only (no .venv-anchor here)")
-    p.add_argument("--iters", type=int, nargs="+", default=[50, 200],
-                   help="autoround steps per layer, ours and the anchor's, one column each")
-    p.add_argument("--rows", nargs="+", choices=[row_name(b, g) for b, g in ROWS], help="only these grids")
+    p.add_argument("--iters", type=int, nargs="+", default=None,
+                   help="autoround steps per layer, ours and the anchor's, one column each (default: 50 200; "
+                        "smollm2: 50)")
+    p.add_argument("--rows", nargs="+", choices=sorted({row_name(b, g) for s in SUBJECTS.values() for b, g in s.rows}),
+                   help="only these grids")
+    p.add_argument("--columns", nargs="+", metavar="NAME",
+                   help="only these columns (ours as named in the table without 'ours ', anchors as named)")
     p.add_argument("--seed", type=int, default=None,
                    help="the recipes' seed (which calibration windows are drawn, given to every tool alike, and "
                         "the batch order of learned rounding) and auto-round's (default: 0, auto-round its own 42): "
@@ -151,6 +181,14 @@ def main(argv: list[str] | None = None) -> int:
                    help="run nothing: measure the outputs an earlier (interrupted) run left in --work")
     args = p.parse_args(argv)
     subject = SUBJECTS[args.model]
+    args.iters = args.iters or list(subject.iters)
+    if args.model == "smollm2":
+        subject = replace(subject, model=smollm2_model(args.work))
+    partial = [f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in
+               (("rows", args.rows), ("columns", args.columns), ("seed", args.seed)) if v is not None]
+    if partial:  # a part of the table, or another sample: its own file, the full run's stays
+        tag = "-".join(partial).replace(" ", "").replace("/", "")
+        subject = replace(subject, results=subject.results.with_name(f"{subject.results.stem}.{tag}.json"))
     if args.model == "stories" and not (STORIES.is_dir() and DEV.is_file()):
         print(f"skipped: {STORIES} or {DEV} not found (set LLMSLIM_SHARED)")
         return 0
@@ -159,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     if anchor and missing:
         print(f"{missing[0]} not found: run scripts/setup_anchor.sh all first (or --no-anchor)")
         return 2
-    samples, windows = (16, 16) if args.quick else (subject.samples, None)
+    samples, windows = (16, 16) if args.quick else (subject.samples, subject.heldout.get("samples"))
 
     from llmslim.data import DataHub
     from llmslim.evaluate.harness import PplJob, measure_perplexity
@@ -178,14 +216,17 @@ def main(argv: list[str] | None = None) -> int:
     original = ppl(subject.model)
     say(f"original: {original}")
     cells: dict[str, dict[str, Any]] = {}
-    for bits, group in ROWS:
+    wanted = (lambda name: args.columns is None or name in args.columns)
+    for bits, group in subject.rows:
         row = row_name(bits, group)
         if args.rows and row not in args.rows:
             continue
         cells[row] = {}
         calib = work / f"calib-{bits}-{group}.pt"
         token_hash = ""
-        for column, stages in our_columns(bits, group, args.iters, subject.narrow).items():
+        for column, stages in our_columns(bits, group, args.iters, subject.narrow, subject.columns).items():
+            if not wanted(column):
+                continue
             name = "ours-" + column.replace(" + ", "-").replace(" ", "-") + f"-w{bits}g{group}"
             log = work / "logs" / f"{name}.log"
             if args.collect:
@@ -204,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         if anchor:
             for observer, awq in (("minmax", False), ("mse", False), ("mse", True))[:2 if args.no_awq_anchor else 3]:
                 label = f"llm-compressor {'awq + ' if awq else ''}gptq {observer}"
+                if not wanted(label):
+                    continue
                 name = f"anchor-{'awq-' if awq else ''}gptq-{observer}-w{bits}g{group}"
                 say(f"{row}: {label}")
                 dense = work / f"{name}-dense"
@@ -216,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
                                  dense_out=dense, observer=observer, awq=awq, extra=["--dtype", subject.dtype])
                 cells[row][label] = {**run, "ppl": ppl(dense)}
             for iters in args.iters:
+                if not wanted(f"auto-round {iters}"):
+                    continue
                 name = f"anchor-autoround-{iters}-w{bits}g{group}"
                 say(f"{row}: auto-round {iters}")
                 dense = work / f"{name}-dense"
@@ -233,8 +278,11 @@ def main(argv: list[str] | None = None) -> int:
 
     grids = list(cells)
     methods = list(dict.fromkeys(m for c in cells.values() for m in c))
-    where = ("stories260K, perplexity on the second half of TinyStories dev.txt" if args.model == "stories" else
-             "the reference model, perplexity on its eval.txt")
+    where = {"stories": "stories260K, perplexity on the second half of TinyStories dev.txt",
+             "reference": "the reference model, perplexity on its eval.txt",
+             "smollm2": ("SmolLM2-135M-Instruct (the Q4_1 GGUF in float32: its weights already carry llama.cpp's "
+                         "asymmetric 4-bit g32 rounding), calibrated on 16 x 512 tokens of WikiText-2 valid, "
+                         "perplexity on the first 32 x 512 tokens of WikiText-2 test")}[args.model]
     digits = 3 if original > 3 else 4  # the reference model's perplexity is near 1.7: its steps are small
     lines = [f"{where}; original {original:.{digits}f}. "
              "Each cell: perplexity (quantization seconds, whole-process peak RSS MiB); bold: best in the column.", "",
@@ -253,12 +301,14 @@ def main(argv: list[str] | None = None) -> int:
     checks: dict[str, bool] = {}
     lines.append("")
     for g, c in cells.items():
-        ours = min(v["ppl"] for k, v in c.items() if k.startswith("ours"))
+        # like with like: the mixed column spends more bits (3.5 on average) than the row's grid
+        ours = min((v["ppl"] for k, v in c.items() if k.startswith("ours") and "mixed" not in k), default=float("inf"))
         theirs = [v["ppl"] for k, v in c.items() if not k.startswith("ours")]
-        if theirs:
-            checks[f"{g}: the best of ours ({ours:.{digits}f}) beats the best anchor ({min(theirs):.{digits}f})"] = \
-                ours < min(theirs)
-        gptq = c["ours gptq minmax"]["ppl"]
+        if theirs and ours < float("inf"):
+            margin = 100 * (min(theirs) - ours) / min(theirs)
+            checks[f"{g}: the best of ours ({ours:.{digits}f}) beats the best anchor ({min(theirs):.{digits}f}), "
+                   f"by {margin:.2f} %"] = ours < min(theirs)
+        gptq = c.get("ours gptq minmax", {}).get("ppl", original)
         if gptq > original:
             removed = 100 * (gptq - ours) / (gptq - original)
             lines.append(f"- {g}: the best of ours removes {removed:.1f} % of plain GPTQ's perplexity increase")
