@@ -216,7 +216,10 @@ def main(argv: list[str] | None = None) -> int:
     original = ppl(subject.model)
     say(f"original: {original}")
     cells: dict[str, dict[str, Any]] = {}
-    wanted = (lambda name: args.columns is None or name in args.columns)
+
+    def wanted(name: str) -> bool:
+        return args.columns is None or name in args.columns
+
     for bits, group in subject.rows:
         row = row_name(bits, group)
         if args.rows and row not in args.rows:
