@@ -72,9 +72,60 @@ def test_export_kind_from_config():
     assert export_kind(w8a8) == "w8a8" and export_kind(w4) == "weight_only"
 
 
-def test_detect_reads_torch():
-    f = cpu.detect()
-    assert f.avx512 == torch.cpu._is_avx512_supported() and f.amx == torch.cpu._is_amx_tile_supported()
+def features_from_flags(flags: str) -> CpuFeatures:
+    """The features a Linux kernel's /proc/cpuinfo `flags` line lists, by the kernel's names: an
+    independent reading of what cpu.detect() gets from torch (the same CPUID bits)."""
+    f = set(flags.split())
+    return CpuFeatures(avx2="avx2" in f, vnni=bool({"avx512_vnni", "avx_vnni"} & f), avx512="avx512f" in f,
+                       avx512_bf16="avx512_bf16" in f, amx="amx_tile" in f)
+
+
+def test_detect_agrees_with_the_kernels_cpu_flags():
+    """detect() asks torch for each feature by name, and a misspelt or renamed torch function would read as
+    False without an error: every field must equal what the kernel reports for this machine."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags on this machine")
+    assert cpu.detect() == features_from_flags(line.split(":", 1)[1])
+
+
+# The machines of DESIGN.md, by (an excerpt of) their /proc/cpuinfo flags, and what llmslim must decide on
+# each: family, native bf16 (compute_dtype auto), and per export kind the vLLM dtype, whether tokens are
+# compared exactly, the near-tie tolerance otherwise, and whether the kernel is faithful.
+MACHINES = {
+    "AMD EPYC Zen 2/3, AVX2 only": (
+        "sse4_2 avx f16c fma avx2 bmi2 sha_ni", "avx2", False,
+        {"dense": ("float32", True, None, True), "w8a8": ("float32", False, None, False),
+         "weight_only": ("bfloat16", False, None, True)}),
+    "AMD EPYC Zen 4, AVX-512 + VNNI + BF16, no AMX": (
+        "avx avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16 avx512_vnni avx512_vbmi2", "avx512_bf16", True,
+        {"dense": ("float32", True, None, True), "w8a8": ("float32", True, None, True),
+         "weight_only": ("bfloat16", False, 2**-4, True)}),
+    "Intel Xeon Sapphire Rapids, AVX-512 + AMX": (
+        "avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_fp16 avx512_vnni avx_vnni amx_bf16 amx_tile amx_int8",
+        "amx", True,
+        {"dense": ("float32", True, None, True), "w8a8": ("bfloat16", False, 3 / 16, True),
+         "weight_only": ("bfloat16", False, 2**-4, True)}),
+    "Intel client core, AVX2 + AVX-VNNI": (
+        "avx2 avx_vnni fma", "avx2_vnni", False,
+        {"dense": ("float32", True, None, True), "w8a8": ("float32", True, None, True),
+         "weight_only": ("bfloat16", False, None, True)}),
+}
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+def test_decisions_on_the_machines_of_the_design_notes(machine):
+    flags, family, bf16, runs = MACHINES[machine]
+    f = features_from_flags(flags)
+    assert f.family == family and native_bf16(f) == bf16
+    for kind, (dtype, exact, tolerance, faithful) in runs.items():
+        run = vllm_cpu_run(kind, f, "bfloat16")
+        assert (run.dtype, run.exact, run.faithful) == (dtype, exact, faithful), (kind, run)
+        if run.generates and not run.exact and run.faithful:  # judged by near-ties: with this tolerance
+            assert run.near_tie == tolerance, (kind, run.near_tie)
+        else:
+            assert tolerance is None, kind
 
 
 @pytest.fixture
