@@ -1,5 +1,7 @@
-"""Every CPU path, on any machine: the decision tables as pure functions, every caller with the detection
-monkeypatched to each CPU family, and real vLLM run the way the AMX branch runs it."""
+"""Every CPU path, on any machine: the decision tables as pure functions (by family and for the machines of
+DESIGN.md by their /proc/cpuinfo flags), detection against this machine's flags, every caller with the
+detection monkeypatched to each CPU family, and real vLLM run the way the AMX branch runs it, on an export
+and on a subtly altered copy."""
 
 from __future__ import annotations
 
