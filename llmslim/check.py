@@ -139,8 +139,9 @@ def vllm_run_for(model_dir: str | Path) -> VllmRun:
 def near_tie_violations(model: torch.nn.Module, prompts: list[list[int]], tokens: list[list[int]],
                         tolerance: float = NEAR_TIE) -> tuple[list[str], float, int]:
     """Teacher-force each prompt + vLLM's tokens through `model` (float32) and list every step where
-    vLLM's token is not the argmax and not within `tolerance` x the largest |logit| of it. Returns (violations, the largest logit
-    gap seen, how many steps were the exact argmax)."""
+    vLLM's token is not the argmax and not within `tolerance` x the largest |logit| of it. Returns (violations,
+    the largest gap seen as a fraction of its step's largest |logit|, the unit of `tolerance`; how many steps
+    were the exact argmax)."""
     device = next(model.parameters()).device
     bad, worst, exact = [], 0.0, 0
     for i, (p, t) in enumerate(zip(prompts, tokens)):
@@ -150,7 +151,7 @@ def near_tie_violations(model: torch.nn.Module, prompts: list[list[int]], tokens
         gap = top - chosen
         tol = tolerance * logits.abs().max(dim=-1).values
         exact += int((gap == 0).sum())
-        worst = max(worst, float(gap.max()))
+        worst = max(worst, float((gap / logits.abs().max(dim=-1).values).max()))
         for j in (gap > tol).nonzero().flatten().tolist():
             bad.append(f"prompt {i} token {j}: vLLM chose {t[j]}, {float(gap[j]):.4f} below the argmax "
                        f"{int(logits[j].argmax())} (tolerance {float(tol[j]):.4f})")
@@ -299,7 +300,7 @@ def _near_tie_result(d: Path, job: dict, plan: VllmRun, model: torch.nn.Module, 
     return CheckResult("vllm", True, n, tokens=tokens, detail=(
         f"vLLM ({job['dtype']} activations: {plan.why}) agrees with transformers (float32) "
         f"on {n} x {MAX_NEW_TOKENS} greedy tokens: {exact} are the float32 argmax, the rest near-ties "
-        f"(largest logit gap {worst:.4f}, tolerance {plan.near_tie:g} of the largest logit)"))
+        f"(largest gap {worst:.4f} of its step's largest |logit|, tolerance {plan.near_tie:g})"))
 
 
 def check_export(model_dir: str | Path, backend: str = "vllm", *, reference: torch.nn.Module | None = None) -> CheckResult:

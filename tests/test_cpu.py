@@ -1,5 +1,7 @@
-"""Every CPU path, on any machine: the decision tables as pure functions, every caller with the detection
-monkeypatched to each CPU family, and real vLLM run the way the AMX branch runs it."""
+"""Every CPU path, on any machine: the decision tables as pure functions (by family and for the machines of
+DESIGN.md by their /proc/cpuinfo flags), detection against this machine's flags, every caller with the
+detection monkeypatched to each CPU family, and real vLLM run the way the AMX branch runs it, on an export
+and on a subtly altered copy."""
 
 from __future__ import annotations
 
@@ -72,9 +74,60 @@ def test_export_kind_from_config():
     assert export_kind(w8a8) == "w8a8" and export_kind(w4) == "weight_only"
 
 
-def test_detect_reads_torch():
-    f = cpu.detect()
-    assert f.avx512 == torch.cpu._is_avx512_supported() and f.amx == torch.cpu._is_amx_tile_supported()
+def features_from_flags(flags: str) -> CpuFeatures:
+    """The features a Linux kernel's /proc/cpuinfo `flags` line lists, by the kernel's names: an
+    independent reading of what cpu.detect() gets from torch (the same CPUID bits)."""
+    f = set(flags.split())
+    return CpuFeatures(avx2="avx2" in f, vnni=bool({"avx512_vnni", "avx_vnni"} & f), avx512="avx512f" in f,
+                       avx512_bf16="avx512_bf16" in f, amx="amx_tile" in f)
+
+
+def test_detect_agrees_with_the_kernels_cpu_flags():
+    """detect() asks torch for each feature by name, and a misspelt or renamed torch function would read as
+    False without an error: every field must equal what the kernel reports for this machine."""
+    try:
+        line = next(x for x in Path("/proc/cpuinfo").read_text().splitlines() if x.startswith("flags"))
+    except (OSError, StopIteration):
+        pytest.skip("no /proc/cpuinfo flags on this machine")
+    assert cpu.detect() == features_from_flags(line.split(":", 1)[1])
+
+
+# The machines of DESIGN.md, by (an excerpt of) their /proc/cpuinfo flags, and what llmslim must decide on
+# each: family, native bf16 (compute_dtype auto), and per export kind the vLLM dtype, whether tokens are
+# compared exactly, the near-tie tolerance otherwise, and whether the kernel is faithful.
+MACHINES = {
+    "AMD EPYC Zen 2/3, AVX2 only": (
+        "sse4_2 avx f16c fma avx2 bmi2 sha_ni", "avx2", False,
+        {"dense": ("float32", True, None, True), "w8a8": ("float32", False, None, False),
+         "weight_only": ("bfloat16", False, None, True)}),
+    "AMD EPYC Zen 4, AVX-512 + VNNI + BF16, no AMX": (
+        "avx avx2 avx512f avx512dq avx512cd avx512bw avx512vl avx512_bf16 avx512_vnni avx512_vbmi2", "avx512_bf16", True,
+        {"dense": ("float32", True, None, True), "w8a8": ("float32", True, None, True),
+         "weight_only": ("bfloat16", False, 2**-4, True)}),
+    "Intel Xeon Sapphire Rapids, AVX-512 + AMX": (
+        "avx2 avx512f avx512bw avx512vl avx512_bf16 avx512_fp16 avx512_vnni avx_vnni amx_bf16 amx_tile amx_int8",
+        "amx", True,
+        {"dense": ("float32", True, None, True), "w8a8": ("bfloat16", False, 1 / 8, True),
+         "weight_only": ("bfloat16", False, 2**-4, True)}),
+    "Intel client core, AVX2 + AVX-VNNI": (
+        "avx2 avx_vnni fma", "avx2_vnni", False,
+        {"dense": ("float32", True, None, True), "w8a8": ("float32", True, None, True),
+         "weight_only": ("bfloat16", False, None, True)}),
+}
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+def test_decisions_on_the_machines_of_the_design_notes(machine):
+    flags, family, bf16, runs = MACHINES[machine]
+    f = features_from_flags(flags)
+    assert f.family == family and native_bf16(f) == bf16
+    for kind, (dtype, exact, tolerance, faithful) in runs.items():
+        run = vllm_cpu_run(kind, f, "bfloat16")
+        assert (run.dtype, run.exact, run.faithful) == (dtype, exact, faithful), (kind, run)
+        if run.generates and not run.exact and run.faithful:  # judged by near-ties: with this tolerance
+            assert run.near_tie == tolerance, (kind, run.near_tie)
+        else:
+            assert tolerance is None, kind
 
 
 @pytest.fixture
@@ -199,14 +252,33 @@ def test_the_int8_kernel_saturates_exactly_where_the_table_says(tmp_path):
         assert full > 1e-2, full
 
 
+def scales_too_large(layer: int, factor: float):
+    """An edit (for test_checks_fail.edit_tensors) that multiplies one down_proj's int8 weight scales: a
+    plausible exporter bug (a wrong divisor), subtle enough that tokens stay near the argmax."""
+    def edit(tensors):
+        name = f"model.layers.{layer}.mlp.down_proj.weight_scale"
+        if name in tensors:
+            tensors[name] = tensors[name] * factor
+    return edit
+
+
 @pytest.mark.vllm
-def test_w8a8_runs_in_bf16_as_on_amx_and_the_near_tie_check_judges_it(on_family, tiny_tok, tmp_path):
-    """The AMX branch on this machine: llmslim decides as on AMX (W8A8 in bf16), real vLLM runs the export
-    in bf16 with whatever int8 kernel this CPU has, and the near-tie comparison judges it: it agrees where
-    that kernel is faithful, and where it saturates (no VNNI) the comparison catches the wrong tokens."""
+def test_w8a8_in_bf16_as_on_amx_passes_the_export_and_fails_a_subtly_altered_copy(on_family, tiny_tok, tmp_path,
+                                                                                   monkeypatch):
+    """The AMX branch on this machine: llmslim decides as on AMX (W8A8 in bf16, judged by near-ties), and real
+    vLLM runs in bf16 with whatever int8 kernel this CPU has, the export and, in the same vLLM process, a copy
+    whose layer-1 down_proj scales are 25 % too large while transformers reads the export. The export
+    agrees where the kernel is faithful (where it saturates, no VNNI, the comparison catches its wrong
+    tokens); the altered copy must fail everywhere. Measured here (AVX-512 EPYC, oneDNN int8 in bf16): the
+    export's largest gap 0.077 of the largest logit, the copy's 0.184 (38 of 128 tokens off the argmax), which
+    the tolerance before, 3/16 = 0.1875, accepted: this test fails for a tolerance that loose."""
+    import shutil
+
     import yaml
+    from test_checks_fail import edit_tensors
     from tiny_models import sample_text
 
+    from llmslim import check
     from llmslim.check import check_exports
     from llmslim.pipeline import run
     from llmslim.recipe import parse_recipe
@@ -215,13 +287,22 @@ def test_w8a8_runs_in_bf16_as_on_amx_and_the_near_tie_check_judges_it(on_family,
     recipe = {"model": str(tiny_tok("llama")), "output": str(tmp_path / "out"),
               "data": {"calib": {"path": str(tmp_path / "text.txt"), "samples": 8, "seq_len": 64}},
               "stages": [{"method": "gptq", "bits": 8, "group_size": -1, "activation_bits": 8, "data": "calib"}]}
-    out = run(parse_recipe(yaml.safe_dump(recipe)))["output"]
+    out = Path(run(parse_recipe(yaml.safe_dump(recipe)))["output"])
+    same = shutil.copytree(out, tmp_path / "same")  # what transformers reads when vLLM serves the altered copy
+    altered = shutil.copytree(out, tmp_path / "altered")
+    edit_tensors(altered, scales_too_large(1, 1.25))
+    real_jobs = check.run_vllm_jobs
+    monkeypatch.setattr(check, "run_vllm_jobs", lambda jobs, **kw: real_jobs(
+        [dict(j, model=str(altered)) if j["model"] == str(same) else j for j in jobs], **kw))
     real = cpu.detect()
     on_family("amx")
-    result = check_exports([out], "vllm")[0]
+    result, wrong = check_exports([out, same], "vllm")
+    assert not wrong.passed, wrong.detail
+    assert "vLLM (bfloat16) disagrees with transformers (float32)" in wrong.detail
+    assert "(tolerance " in wrong.detail and "below the argmax" in wrong.detail
     if vllm_cpu_run("w8a8", real).faithful:
         assert result.passed and result.generated, result.detail
         assert result.detail.startswith("vLLM (bfloat16 activations: vLLM's AMX int8 kernel takes bf16/fp16")
-        assert "agrees with transformers (float32)" in result.detail and "tolerance 0.1875" in result.detail
+        assert "agrees with transformers (float32)" in result.detail and "tolerance 0.125" in result.detail
     else:
         assert not result.passed and "vLLM (bfloat16) disagrees with transformers (float32)" in result.detail

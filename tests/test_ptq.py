@@ -100,14 +100,14 @@ def test_awq_folding_leaves_the_unquantized_logits_unchanged(tiny_tok, tmp_path,
 @pytest.mark.parametrize("stages, message", [
     ([{"method": "awq", "data": "calib", "bits": 4, "group_size": 32},
       {"method": "rtn", "bits": 3, "group_size": 32}],
-     r"stages\[1\]\.bits: the awq stage before searched its scales for bits 4, group_size 32, symmetric true; "
-     r"this stage quantizes to bits 3"),
+     r"stages\[1\]\.bits: the awq stage before searched its scales with bits 4; this stage rounds with bits 3: "
+     r"set bits: 3 on the awq stage, or leave it out there"),
     ([{"method": "awq", "data": "calib", "bits": 4, "group_size": 64}],
      r"stages\[0\]\.group_size: group_size 64 does not divide the input width 96 of down_proj"),
     ([{"method": "awq", "data": "calib", "bits": 4, "group_size": 32, "ignore": ["lm_head", "down_proj"]},
       {"method": "rtn", "bits": 4, "group_size": 32}],
      r"stages\[1\]\.ignore: the awq stage before searched its scales with ignore \['lm_head', 'down_proj'\]; "
-     r"this stage ignores \['lm_head'\]"),
+     r"this stage rounds with ignore \['lm_head'\]"),
     ([{"method": "awq", "data": "calib", "group_size": 32, "ignore": ["lm_head", "down_prj"]}],
      r"stages\[0\]\.ignore: 'down_prj' matches no Linear of the model"),
     ([{"method": "awq", "data": "calib", "group_size": 32, "ignore": ["re:(.*"]}],

@@ -293,3 +293,85 @@ def test_a_server_that_dies_while_starting_gives_one_line_with_its_last_words(mo
     assert e.value.exit_code == 1 and "\n" not in message
     assert message.startswith("vLLM's server exited while starting with exit code 2; its last lines:")
     assert "error: unrecognized arguments: --bad" in message
+
+
+# A stand-in for vLLM's server: answers /health, and dies of SIGTERM as vLLM's API server does.
+HEALTH_SERVER = """
+import http.server, sys
+class Health(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.end_headers()
+    def log_message(self, *args):
+        pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), Health).serve_forever()
+"""
+
+# `llmslim serve` with the stand-in server; with "refused", libc's prctl fails as under a seccomp policy
+# that forbids it (returns -1, errno EPERM): the call itself fails, whatever code makes it.
+SERVE_DRIVER = """
+import ctypes, logging, sys
+import llmslim.serve as serving
+from llmslim.cpu import FAMILY_FEATURES
+
+model, port, mode, health = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s", stream=sys.stdout)
+if mode == "refused":
+    real = ctypes.CDLL
+
+    class RefusingLibc:
+        def __init__(self, *args, **kwargs):
+            self._lib = real(*args, **kwargs)
+
+        def __getattr__(self, name):
+            if name == "prctl":
+                return lambda *args: (ctypes.set_errno(1), -1)[1]
+            return getattr(self._lib, name)
+
+    ctypes.CDLL = RefusingLibc
+serving.server_command = lambda *a, port, **k: [sys.executable, "-c", open(health).read(), str(port)]
+serving.serve(model, port=port, gpu=False, features=FAMILY_FEATURES["avx2"], say=lambda t: print(t, flush=True))
+"""
+
+
+@pytest.mark.parametrize("prctl", ["works", "refused"])
+def test_no_server_outlives_a_killed_llmslim_serve(tmp_path, prctl):
+    """SIGKILL `llmslim serve` (no handler runs): the server it started must end within seconds, through the
+    kernel's parent-death signal, or where prctl is refused, through the watchdog (with a warning)."""
+    import os
+    import signal
+    import subprocess
+
+    (tmp_path / "driver.py").write_text(SERVE_DRIVER)
+    (tmp_path / "health.py").write_text(HEALTH_SERVER)
+    port, log = free_port(), tmp_path / "out.txt"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(REFERENCE), str(port), prctl,
+                                 str(tmp_path / "health.py")], stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    started: list[psutil.Process] = []
+    try:
+        deadline = time.monotonic() + 120
+        while "serving " not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        started = psutil.Process(proc.pid).children(recursive=True)
+        servers = [p for p in started if "Health" in " ".join(p.cmdline())]
+        watchdogs = [p for p in started if "llmslim.watchdog" in p.cmdline()]
+        assert len(servers) == 1, [p.cmdline() for p in started]
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        killed = time.monotonic()
+        _, alive = psutil.wait_procs(servers, timeout=5)
+        assert not alive, f"the server outlived llmslim serve by 5 s ({prctl})"
+        print(f"server gone {time.monotonic() - killed:.2f} s after SIGKILL ({prctl})")
+        assert len(watchdogs) == (prctl == "refused"), [p.cmdline() for p in started]
+        warning = ("WARNING the kernel refused prctl(PR_SET_PDEATHSIG) for the server: a watchdog process will "
+                   "stop the server if llmslim dies")
+        assert (warning in log.read_text()) == (prctl == "refused"), log.read_text()
+        _, alive = psutil.wait_procs(started, timeout=5)  # the watchdog too, once its work is done
+        assert not alive, [p.cmdline() for p in alive]
+    finally:
+        end(started)
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", port)) != 0

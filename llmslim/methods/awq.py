@@ -13,8 +13,10 @@ The scale of each mapping is searched on calibration inputs of the layer: s = me
 (`duo_scaling`; W~ is |W| normalised per quantization group, as AutoAWQ) or mean|x|^a, normalised to
 geometric mean 1, for a in {0, 1/grid, ..., (grid-1)/grid}, and also s = 1 (no scaling); the candidate
 with the smallest error ||Q(W s)(x / s) - W x||^2 over the mapping's Linears wins, Q being round-to-nearest
-on the grid the following quantization stage uses (`bits`, `group_size`, `symmetric`, `ignore`; the plan
-checks that they agree). s = 1 being a candidate, awq never ends worse than plain rtn on this objective.
+on exactly the grid the following quantization stage starts from: bits, group size, symmetry, observer,
+per-channel fallback, autoround's full-range scales and `ignore` (Grid; fields left out of the awq stage are
+taken from that stage at parsing, and the plan refuses a pair that differs in any). s = 1 being a
+candidate, awq never ends worse than plain rtn on this objective.
 A mapping whose Linears the next stage keeps unquantized (`ignore`) is left unscaled: no rounding to trade.
 
 Layer by layer, like gptq: each layer is calibrated on what the scaled layers before it produce (the
@@ -42,8 +44,9 @@ from ..layerwise import forward_layer, walk
 from ..plan import PlanError, PlanState
 from ..registry import Method, MethodConfig, register
 from ..stage import StageContext, StageResult
+from .autoround import Rounding, final_weights
 from .gptq import config as qconfig
-from .gptq.config import check_patterns, matches
+from .gptq.config import GRID_FIELDS, Grid, check_patterns, matches
 from .gptq.core import rtn_quantize
 
 log = logging.getLogger(__name__)
@@ -56,15 +59,21 @@ class AwqConfig(MethodConfig):
     data: str
     """Calibration source (from `data:`)."""
     bits: Literal[2, 3, 4, 8] = 4
-    """Bits of the grid the scales are searched for: those of the following gptq/rtn stage (checked)."""
+    """Bits of the grid the scales are searched for. Each grid field left out here is taken from the
+    quantization stage that follows (its own default when nothing quantizes next); one given here must
+    equal that stage's (checked)."""
     group_size: Literal[-1, 32, 64, 128] = 128
-    """Group size of that grid (-1: per channel); must equal the following stage's."""
+    """Group size of that grid (-1: per channel); default: the following stage's."""
     symmetric: bool = True
-    """Whether that grid is symmetric; must equal the following stage's."""
+    """Whether that grid is symmetric; default: the following stage's."""
     per_channel_fallback: bool = False
-    """As in gptq: Linears whose input width group_size does not divide are searched per channel."""
+    """As in gptq: Linears whose input width group_size does not divide are searched per channel; default:
+    the following stage's."""
     observer: Literal["minmax", "mse"] = "minmax"
-    """The range each group's grid takes during the search: that of the following stage's `observer`."""
+    """The range each group's grid takes during the search; default: the following stage's `observer`."""
+    full_range: bool = False
+    """Symmetric grids: autoround's full-range scales (the largest-magnitude weight on -2^(bits-1)) instead of
+    gptq/rtn's; default: the following stage's (true before an autoround stage that keeps its default)."""
     grid: int = Field(default=20, ge=1, le=200)
     """Exponents a tried per mapping: 0, 1/grid, ..., (grid-1)/grid (plus no scaling)."""
     duo_scaling: bool = True
@@ -80,8 +89,14 @@ class AwqConfig(MethodConfig):
         check_patterns([(f"ignore[{i}]", p) for i, p in enumerate(self.ignore)])
         return self
 
-    def grid_key(self) -> tuple[int, int, bool, tuple[str, ...]]:
-        return self.bits, self.group_size, self.symmetric, tuple(self.ignore)
+    def before(self, following: MethodConfig | None) -> AwqConfig:
+        """The grid fields this stage leaves out, from the quantization stage that follows: awq then searches
+        on exactly the grid that stage rounds to (the plan checks the fields given here)."""
+        if not isinstance(following, qconfig.QuantFields):
+            return self
+        given = self.model_fields_set
+        taken = {f: getattr(following, f, False) for f in GRID_FIELDS if f not in given}  # full_range: gptq has none
+        return type(self).model_validate({**self.model_dump(include=given), **taken}) if taken else self
 
 
 # ---------------------------------------------------------------- the search (pure)
@@ -221,16 +236,28 @@ def scale_layer(layer: nn.Module, inputs: Any, cfg: AwqConfig, gen: torch.Genera
         W = torch.cat([lin.weight.float() for lin in lins])
         gs = _group(cfg, W.shape[1])
 
-        def quantize(w: Tensor, gs: int = gs) -> Tensor:
-            return rtn_quantize(w, bits=cfg.bits, group_size=gs, symmetric=cfg.symmetric, observer=cfg.observer).weight
-
-        found = search_scale(x, W, quantize, grid=cfg.grid, duo_scaling=cfg.duo_scaling, group_size=gs)
+        found = search_scale(x, W, grid_quantizer(cfg, gs), grid=cfg.grid, duo_scaling=cfg.duo_scaling, group_size=gs)
         del x, W
         if found.alpha is not None:
             fold(layer, m, found.scale.to(next(layer.parameters()).device))
         notes[m.name] = {"alpha": found.alpha, "error": float(f"{found.error:.6g}"),
                          "error_unscaled": float(f"{found.error_unscaled:.6g}")}
     return notes
+
+
+def grid_quantizer(cfg: AwqConfig, group_size: int) -> Callable[[Tensor], Tensor]:
+    """Weight -> its round-to-nearest dequantized values on the grid of `cfg` (what the following stage
+    starts from: gptq/rtn's grid with its observer, or autoround's full-range one), float32 scales."""
+    if cfg.symmetric and cfg.full_range:
+        def full_range(w: Tensor) -> Tensor:
+            return final_weights(w, Rounding.start(w, group_size), bits=cfg.bits, group_size=group_size,
+                                 symmetric=True, scale_dtype=torch.float32, full_range=True).weight
+        return full_range
+
+    def half_range(w: Tensor) -> Tensor:
+        return rtn_quantize(w, bits=cfg.bits, group_size=group_size, symmetric=cfg.symmetric,
+                            observer=cfg.observer).weight
+    return half_range
 
 
 def _group(cfg: AwqConfig, width: int) -> int:
@@ -251,7 +278,7 @@ def plan(state: PlanState, cfg: AwqConfig) -> PlanState:
     from .gptq import plan as quant_plan
 
     quant_plan(replace(state, awq_grid=None), grid)  # the same width checks as the quantization stage (group_size must fit)
-    return replace(state, awq_grid=cfg.grid_key())
+    return replace(state, awq_grid=Grid.of(cfg))
 
 
 def run(ctx: StageContext, cfg: AwqConfig) -> StageResult:
@@ -284,7 +311,8 @@ def run(ctx: StageContext, cfg: AwqConfig) -> StageResult:
     write_export(ctx, config, n)
     gain = [d[m]["error"] / d[m]["error_unscaled"] for d in layers.values() for m in d if d[m]["error_unscaled"] > 0]
     notes_out: dict[str, Any] = {
-        "grid": f"W{cfg.bits} g{cfg.group_size}" + ("" if cfg.symmetric else " asymmetric"),
+        "grid": f"W{cfg.bits} g{cfg.group_size}" + ("" if cfg.symmetric else " asymmetric")
+                + (" full range" if cfg.symmetric and cfg.full_range else "") + f" {cfg.observer}",
         "median_error_ratio": float(f"{sorted(gain)[len(gain) // 2]:.4g}") if gain else None,
         "layers": layers}
     if done:

@@ -34,6 +34,7 @@ from ...stage import StageContext, StageResult
 from .. import mixed
 from .config import (
     GptqConfig,
+    Grid,
     QuantFields,
     QuantFormat,
     RtnConfig,
@@ -64,14 +65,7 @@ def targets_by_layer(model: Any, adapter: Any, ignore: list[str]) -> tuple[list[
 def plan(state: PlanState, cfg: QuantFields) -> PlanState:
     fmt = QuantFormat.of(cfg)
     if state.awq_grid is not None:
-        b, g, sym, ignore = state.awq_grid
-        if (b, g, sym) != (cfg.bits, cfg.group_size, cfg.symmetric):
-            raise PlanError("bits", f"the awq stage before searched its scales for bits {b}, group_size {g}, "
-                                    f"symmetric {str(sym).lower()}; this stage quantizes to bits {cfg.bits}, group_size "
-                                    f"{cfg.group_size}, symmetric {str(cfg.symmetric).lower()}: give both the same grid")
-        if sorted(ignore) != sorted(cfg.ignore):
-            raise PlanError("ignore", f"the awq stage before searched its scales with ignore {list(ignore)}; this stage "
-                                      f"ignores {list(cfg.ignore)}: give both the same ignore list")
+        _check_awq_pair(state.awq_grid, cfg)
     model = meta_model(state.config, state.dtype)
     adapter = state.adapter
     try:
@@ -121,6 +115,32 @@ def plan(state: PlanState, cfg: QuantFields) -> PlanState:
                                  "and quantized inputs; MoE routes the two streams to different experts: use gptaq: "
                                  "false")
     return replace(state, quant=fmt, awq_grid=None)
+
+
+def _value(v: Any) -> str:
+    return str(v).lower() if isinstance(v, bool) else str(list(v)) if isinstance(v, tuple) else str(v)
+
+
+def _check_awq_pair(searched: Grid, cfg: QuantFields) -> None:
+    """The awq stage before searched its scales by rounding on `searched`; this stage must round on the same
+    grid, or the scales were chosen for errors this stage does not make."""
+    for name, what in (("groups", "groups (mixed precision by hand)"), ("mixed", "mixed (automatic mixed precision)")):
+        if getattr(cfg, name):
+            raise PlanError(name, f"the awq stage before searched its scales on one grid (bits {searched.bits}, "
+                                  f"group_size {searched.group_size}) for every Linear; {what} gives some Linears "
+                                  f"another: drop awq or {name}")
+    field = searched.differs(Grid.of(cfg))
+    if field is None:
+        return
+    ours = _value(getattr(Grid.of(cfg), field))
+    theirs = _value(getattr(searched, field))
+    if field == "full_range":  # set on autoround only; gptq, rtn and qat have the half-range grid
+        hint = f"set full_range: {ours} on the awq stage" + (
+            f" (or full_range: {theirs} on this one)" if hasattr(cfg, "full_range") else "")
+    else:
+        hint = f"set {field}: {ours} on the awq stage, or leave it out there: awq takes the following stage's"
+    raise PlanError(field, f"the awq stage before searched its scales with {field} {theirs}; this stage "
+                           f"rounds with {field} {ours}: {hint}")
 
 
 def _check_groups(fmt: QuantFormat, adapter: Any, targets: list[list[Target]]) -> None:

@@ -139,6 +139,41 @@ class RtnConfig(QuantFields):
         return self
 
 
+# The fields of a quantization stage that define the grid it rounds to: what an awq stage before it searches
+# its scales on (awq takes the same fields; the plan checks every one; `groups`/`mixed` are refused after awq).
+GRID_FIELDS = ("bits", "group_size", "symmetric", "observer", "per_channel_fallback", "full_range", "ignore")
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The round-to-nearest grid of a quantization stage (its start, for gptq's error feedback and autoround's
+    learned rounding): bits, group size, symmetry, how each group's range is observed, per-channel fallback,
+    autoround's full-range symmetric scales, and the Linears left unquantized."""
+
+    bits: int
+    group_size: int
+    symmetric: bool
+    observer: str
+    per_channel_fallback: bool
+    full_range: bool  # symmetric grids only: the largest-magnitude weight on -2^(bits-1) (autoround)
+    ignore: tuple[str, ...]
+
+    @classmethod
+    def of(cls, cfg: Any) -> Grid:
+        """The grid of a gptq/rtn/autoround/qat config, or of an awq config (the same field names); configs
+        without `full_range` (gptq, rtn, qat) round on the half-range grid."""
+        return cls(cfg.bits, cfg.group_size, cfg.symmetric, cfg.observer, cfg.per_channel_fallback,
+                   bool(getattr(cfg, "full_range", False)) and cfg.symmetric, tuple(cfg.ignore))
+
+    def differs(self, other: Grid) -> str | None:
+        """The first field (GRID_FIELDS order) in which two grids differ; ignore lists compare as sets."""
+        for name in GRID_FIELDS:
+            a, b = getattr(self, name), getattr(other, name)
+            if (sorted(a) != sorted(b)) if name == "ignore" else (a != b):
+                return name
+        return None
+
+
 def check_patterns(patterns: list[tuple[str, str]]) -> None:
     """Refuse a `re:` pattern that does not compile, naming where it is (field, pattern)."""
     for where, pattern in patterns:
