@@ -60,9 +60,13 @@ class GgufInfo:
     matrix_types: dict[str, int] = field(default_factory=dict)
     """The same for tensors of two or more dimensions (the weights quantization touches)."""
 
+    def short(self) -> str:
+        """e.g. GGUF Q4_1: what the plan's first row says."""
+        return f"GGUF {self.file_type.removeprefix('MOSTLY_').removeprefix('ALL_')}"
+
     def describe(self) -> str:
         kinds = ", ".join(f"{n} {t}" for t, n in sorted(self.matrix_types.items(), key=lambda kv: -kv[1]))
-        return f"GGUF {self.file_type.removeprefix('MOSTLY_')} ({kinds} matrices)"
+        return f"{self.short()} ({kinds} matrices)"
 
     @property
     def quantized(self) -> bool:
@@ -81,7 +85,7 @@ class GgufInfo:
     def as_dict(self) -> dict[str, Any]:
         return {"format": "gguf", "file": self.path.name, "architecture": self.architecture,
                 "file_type": self.file_type, "tensor_types": self.tensor_types,
-                "matrix_types": self.matrix_types, "description": self.describe()}
+                "matrix_types": self.matrix_types, "description": self.describe(), "short": self.short()}
 
 
 ROUNDING_NOTE = ("its weights already carry llama.cpp's rounding: every quality result is relative to the "

@@ -218,7 +218,7 @@ def validate(recipe: Recipe, work: Workspace, *, replace_output: bool = False) -
     state = PlanState(config, Adapter.for_config(config, str(gguf)), DTYPES[config.dtype])
     rows, _ = make_plan(recipe, state)
     _check_paths(recipe, work, gguf, replace_output)
-    return [dataclasses.replace(rows[0], label=f"original ({info.describe()})"), *rows[1:]]
+    return [dataclasses.replace(rows[0], label=f"original ({info.short()})"), *rows[1:]]
 
 
 def _check_paths(recipe: Recipe, work: Workspace, src: Path, replace_output: bool) -> None:

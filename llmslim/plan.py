@@ -108,7 +108,7 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
     if state.original is None:
         state = replace(state, original=state.config)
     gguf = source_record(state.source_dir)
-    label = f"original ({gguf['description']})" if gguf else "original"
+    label = f"original ({gguf.get('short') or gguf['description']})" if gguf else "original"
     rows = [PlanRow(label, state.shape, *state.size())]
     states = [state]
     problems = []

@@ -384,3 +384,20 @@ def test_mse_observer_is_never_worse_than_minmax_on_its_objective(bits, group_si
         assert int(res.q.min()) >= qmin and int(res.q.max()) <= qmax and (res.scale > 0).all()
     kw = dict(bits=bits, group_size=group_size, symmetric=symmetric, act_order=False, static_groups=True)
     assert gptq_quantize(W, H, **kw, observer="mse").loss < gptq_quantize(W, H, **kw).loss
+
+
+def test_the_quantizers_run_on_one_cpu_thread_and_restore_the_count(monkeypatch):
+    """Small sequential operations on a busy machine: one thread (llmslim/methods/gptq/core.py docstring)."""
+    from llmslim.methods.gptq import core
+
+    seen: list[int] = []
+    inverse = core._inverse_cholesky
+    monkeypatch.setattr(core, "_inverse_cholesky", lambda *a: (seen.append(torch.get_num_threads()), inverse(*a))[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        W, X = torch.randn(32, 64), torch.randn(256, 64)
+        core.gptq_quantize(W, X.T @ X / 256, bits=4, group_size=16, symmetric=True, act_order=True)
+        assert seen == [1] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)

@@ -21,12 +21,22 @@ updates to later columns are deferred to one matrix product per block ("lazy bat
 act_order the columns are visited by decreasing diag(H) (most-used inputs first).
 Everything is computed in float32 (float64 when W is float64, for reference checks) on the tensors' own
 device; nothing here logs, prints or does I/O.
+
+On a CPU the quantizers run on one thread (`one_thread`): GPTQ's column loop and the mse observer are
+many small operations on vectors of a few hundred to a few thousand values, which a second thread does
+not speed up, and whose every step waits for all of torch's threads: while another process holds a
+core, that wait dominates. Measured on a 2-core EPYC with one core busy (a 1536 x 576 matrix, W4 g64,
+act-order): minmax 2.82 s on 2 threads, 0.23 s on 1; mse 22.8 s and 0.69 s. One thread also makes the
+results independent of the machine's thread count (reductions sum in one order).
 """
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import torch
 from torch import Tensor
@@ -68,6 +78,26 @@ class QuantResult:
     damp_used: float = 0.0
     """Dampening actually used, as a fraction of mean(diag H) (larger than asked when H was not
     positive definite and had to be damped more); 0 for RTN."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def one_thread(fn: F) -> F:
+    """Run `fn` on one CPU thread (torch's thread count restored afterwards); see the module docstring."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        threads = torch.get_num_threads()
+        if threads == 1:
+            return fn(*args, **kwargs)
+        torch.set_num_threads(1)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            torch.set_num_threads(threads)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def _qrange(bits: int) -> tuple[int, int]:
@@ -196,6 +226,7 @@ def dequantize_groups(q: Tensor, scale: Tensor, zero: Tensor, g_idx: Tensor | No
     return dequantize(q, scale[:, g], zero[:, g]).to(dtype)
 
 
+@one_thread
 @torch.no_grad()
 def rtn_quantize(W: Tensor, *, bits: int, group_size: int, symmetric: bool,
                  scale_dtype: torch.dtype = torch.float32, observer: str = "minmax") -> QuantResult:
@@ -230,6 +261,7 @@ def _inverse_cholesky(H: Tensor, dampening: float) -> tuple[Tensor, float]:
     raise ValueError(f"H is not positive definite even with dampening {frac / 10:g} x mean(diag H)")
 
 
+@one_thread
 @torch.no_grad()
 def gptq_quantize(W: Tensor, H: Tensor, *, bits: int, group_size: int, symmetric: bool, act_order: bool,
                   dampening: float = 0.01, block_size: int = 128, static_groups: bool = False,
