@@ -196,6 +196,16 @@ def test_bad_qat_recipes_get_one_line(tiny_tok, tmp_path, stage, message):
         prepare(r, Workspace(r.spec.output))
 
 
+def test_qlora_is_refused_under_fsdp(tiny_tok, tmp_path, monkeypatch):
+    """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP: NF4 bases cannot be sharded, said up front."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    stage = qat(base="nf4", group_size=128)
+    stage.pop("calib_data")
+    r = parse_recipe(recipe(tmp_path, tiny_tok("llama"), [stage]))
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.base: base nf4 cannot train under FSDP"):
+        prepare(r, Workspace(r.spec.output))
+
+
 def test_qat_refuses_moe_models(tiny, tmp_path):
     r = parse_recipe(recipe(tmp_path, tiny("mixtral"), [qat()]))
     with pytest.raises(RecipeError, match=r"qat trains LoRA adapters on Linear layers and MoE experts are fused"):
