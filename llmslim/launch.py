@@ -1,12 +1,15 @@
 """`accelerate launch --num_processes N -m llmslim run recipe.yaml`: training stages on N processes.
 
 Every process runs the same command. The main process (rank 0) does everything a single-process run does
-and is the only one that writes files. The others follow: they validate the recipe the same way, learn
-from the main process which training stages it will run (launch.json in the work directory, tagged with a
-nonce broadcast to all processes, so a stale file is never read), wait for each one's input checkpoint to
-appear, meet the main process at a barrier, and train with it (DDP or FSDP through accelerate, set up by
-llmslim.training.loop). They exit after the last training stage; the main process goes on to export,
-check and measure. If the main process fails, it leaves launch-error.json and the others stop too.
+and is the only one that writes the stage checkpoints, the export and the reports. The others follow: they
+validate the recipe the same way, learn from the main process which training stages it will run
+(launch.json in the work directory, tagged with a nonce broadcast to all processes, so a stale file is
+never read), wait for each one's input checkpoint to appear, meet the main process at a barrier, and train
+with it: DDP, or FSDP2 when accelerate's config asks for FSDP (llmslim.training.loop and .sharding; the
+main process gathers the full weights before it writes the stage). Into the stage's training state each
+process writes its own RNG state and, under FSDP, its shards of the model and optimizer. After the last
+training stage the others exit, every process leaves the process group, and the main process goes on to
+export, check and measure. If the main process fails, it leaves launch-error.json and the others stop too.
 """
 
 from __future__ import annotations
@@ -55,6 +58,17 @@ class Launch:
     def barrier(self) -> None:
         if self.active:
             self.state.wait_for_everyone()
+
+    def release(self) -> None:
+        """After the last training stage (every process): leave the process group. The other processes exit,
+        and what the main process runs next must not take itself for one rank of many (compressed-tensors,
+        loading a quantized export for the check, splits its work over the ranks of a live process group
+        and waits for ranks that are gone)."""
+        if self.active:
+            import torch.distributed as td
+
+            if td.is_initialized():
+                td.destroy_process_group()
 
     # ---------------------------------------------------------------- main process
 

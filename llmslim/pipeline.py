@@ -428,6 +428,7 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
         current = Checkpoint(final)
         log.info("%s: done in %.1f s", stage.label, seconds)
 
+    launch.release()  # the other processes are done (they trained the training stages with us)
     report = export_and_report(recipe, work, src_dir, source, current, rows, state, data, dtype, progress,
                                replace_output=replace_output, full_hash=full_hash)
     return _push(recipe, work, state, report)
@@ -465,6 +466,7 @@ def _follow(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, sour
         method_run = methods[stage.method].run
         assert method_run is not None
         method_run(ctx, stage.config)
+    launch.release()
     return {"follower": True, "trained": plan["training"]}
 
 

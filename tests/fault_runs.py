@@ -22,7 +22,8 @@ import yaml
 VOLATILE_FILES = {"llmslim_report.json", "llmslim_report.md", "eval",
                   "plots"}  # plots: drawn from the report's notes, which are compared below
 VOLATILE_KEYS = {"seconds", "peak_rss_bytes", "layers_from_earlier_run", "load_seconds", "created", "command",
-                 "date", "wall_seconds", "rss", "timestamp", "output", "path", "recipe_full_hash"}
+                 "date", "wall_seconds", "rss", "timestamp", "output", "path", "recipe_full_hash",
+                 "train_seconds", "tokens_per_s", "resumed_from_step"}  # the training stages' notes
 
 EVIDENCE = {  # unit of work -> what a rerun that reuses it logs
     "eval_before": "original model: reusing its measurements",

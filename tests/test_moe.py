@@ -70,6 +70,20 @@ def test_clustering_recovers_channels_that_fire_together_in_equal_groups(balance
     assert torch.bincount(split, minlength=4).tolist() == [16] * 4
 
 
+def test_clustering_depends_on_its_generator_only():
+    """Fewer distinct activation patterns than experts (here 2 for 4): k-means++ runs out of distinct
+    channels and must draw a centroid at random. The draw comes from the stage's generator, so a resumed
+    moefy (another process, another global RNG state) splits every layer exactly as the killed run did."""
+    patterns = torch.tensor([[1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0]])
+    features = patterns[torch.arange(32) % 3 % 2]  # 2 patterns, unequal counts: which one a draw repeats matters
+    splits = set()
+    for global_seed in range(12):
+        torch.manual_seed(global_seed)
+        assign = routing.cluster_channels(features, 4, balanced=True, generator=torch.Generator().manual_seed(0))
+        splits.add(tuple(assign.tolist()))
+    assert len(splits) == 1
+
+
 def test_probe_router_ranks_experts_by_their_gain():
     """Expert gains that are a linear function of x: the probe's top-2 is the best pair on held-out tokens."""
     gen = torch.Generator().manual_seed(0)

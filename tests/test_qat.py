@@ -3,6 +3,7 @@ model, learnable scales, QLoRA with NF4 on CPU, resume after a kill, the vLLM lo
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -85,14 +86,75 @@ def test_rtn_start_with_zero_steps_of_change_is_rtn(tiny_tok, tmp_path):
     assert a["stages"][0]["notes"]["integers_changed_by_training"].startswith("0 of ")
 
 
-def test_qlora_nf4_on_cpu_merges_for_the_next_stage(tiny_tok, tmp_path):
-    stages = [qat(base="nf4", bits=4, group_size=128, calib_data=None, steps=3),
-              {"method": "gptq", "bits": 4, "group_size": 32, "data": "calib"}]
-    stages[0].pop("calib_data")
-    report = run(parse_recipe(recipe(tmp_path / "a", tiny_tok("llama"), stages)))
-    notes = report["stages"][0]["notes"]
-    assert notes["base"].startswith("nf4") and "next stage's W4 grid (rtn) moves them by" in notes["next_grid_shift"]
-    assert report["check"]["passed"]
+TARGETS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+           "mlp.up_proj", "mlp.down_proj")
+
+
+def test_the_nf4_merge_computes_what_peft_computes(tiny):
+    """QLoRA's merge (dequantized NF4 base + (alpha / r) B A, as plain Linears) against peft's own forward of
+    the NF4 model with its adapters, with adapters that move the logits: equal within float noise. Merging
+    into the float weights instead of the NF4 ones, or without the alpha / r scale, is far outside it."""
+    from bitsandbytes.nn import Linear4bit
+    from transformers import AutoModelForCausalLM
+
+    from llmslim.methods.qat import merge_nf4, nf4_lora
+
+    def load():
+        return AutoModelForCausalLM.from_pretrained(tiny("llama"), dtype=torch.float32).eval()
+
+    names = [f"model.layers.{i}.{t}" for i in range(4) for t in TARGETS]
+    torch.manual_seed(0)
+    model = nf4_lora(load(), names, 4, 8.0, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:  # peft starts B at zero; trained adapters are not
+            p.data = 0.05 * torch.randn(p.shape, generator=g)
+    tokens = torch.randint(3, 512, (2, 24), generator=g)
+    with torch.no_grad():
+        want = model(input_ids=tokens).logits  # peft: NF4 matmul + scale * B(A(x))
+        with model.disable_adapter():
+            nf4_alone = model(input_ids=tokens).logits
+        deltas = {n: m.get_delta_weight("default") for n, m in model.get_base_model().named_modules()
+                  if hasattr(m, "base_layer")}
+        merged = merge_nf4(model)
+        got = merged(input_ids=tokens).logits
+        float_base = load()  # the float weights + the same deltas: what a merge that skipped NF4 would write
+        for n, d in deltas.items():
+            float_base.get_submodule(n).weight.data += d
+        unscaled = copy.deepcopy(merged)  # the merge without alpha / r (= 2 here)
+        for n, d in deltas.items():
+            unscaled.get_submodule(n).weight.data -= d / 2
+        wrong = {"float base": float_base(input_ids=tokens).logits, "no alpha/r": unscaled(input_ids=tokens).logits}
+    assert not any(isinstance(m, Linear4bit) or hasattr(m, "lora_A") for m in merged.modules())  # plain Linears
+    tol = 1e-4 * float(want.abs().max())
+    assert float((got - want).abs().max()) <= tol
+    assert float((nf4_alone - want).abs().max()) > 100 * tol  # the adapters matter
+    for what, logits in wrong.items():
+        assert float((logits - want).abs().max()) > 10 * tol, what
+
+
+def test_qlora_nf4_stage_writes_the_nf4_base_plus_a_rank_r_update(tiny_tok, tmp_path):
+    """The stage's export, per target Linear: its weight minus bitsandbytes' NF4 round trip of the input
+    weight is the trained adapters' update, nonzero and of rank r (here 4); every other tensor is the
+    input's. Exporting the float weights plus the update, or the NF4 weights without it, fails this."""
+    import bitsandbytes.functional as bnbf
+
+    stage = qat(base="nf4", bits=4, group_size=128, steps=3)
+    stage.pop("calib_data")
+    report = run(parse_recipe(recipe(tmp_path / "a", tiny_tok("llama"), [stage])))
+    assert report["stages"][0]["notes"]["base"].startswith("nf4") and report["check"]["passed"]
+    src, out = Checkpoint(tiny_tok("llama")), Checkpoint(report["output"])
+    before, after = src.read(src.names), out.read(out.names)
+    assert before.keys() == after.keys()
+    targets = {f"model.layers.{i}.{t}.weight" for i in range(4) for t in TARGETS}
+    for name, w in after.items():
+        if name not in targets:
+            assert torch.equal(w, before[name]), name
+            continue
+        packed, state = bnbf.quantize_4bit(before[name], blocksize=64, compress_statistics=True, quant_type="nf4")
+        update = (w - bnbf.dequantize_4bit(packed, state)).double()
+        s = torch.linalg.svdvals(update)
+        assert s[0] > 1e-4 and s[4] <= 1e-4 * s[0], (name, s[:6].tolist())
 
 
 def test_a_killed_qat_resumes_to_the_same_export(tiny_tok, tmp_path):
@@ -108,7 +170,7 @@ def test_a_killed_qat_resumes_to_the_same_export(tiny_tok, tmp_path):
     assert rc == 0 and "resuming the training at step 8 of 10" in out, out
     a, b = Checkpoint(ref["output"]), Checkpoint(tmp_path / "killed" / "out")
     ta, tb = a.read(a.names), b.read(b.names)
-    assert all(torch.equal(ta[n], tb[n]) for n in ta if "weight_packed" in n)
+    assert all(torch.equal(ta[n], tb[n]) for n in ta)  # integers, scales and the rest, exactly
 
 
 @pytest.mark.vllm
@@ -131,6 +193,16 @@ def test_qat_exports_load_in_vllm(tiny_tok, tmp_path):
 def test_bad_qat_recipes_get_one_line(tiny_tok, tmp_path, stage, message):
     with pytest.raises(RecipeError, match=message):
         r = parse_recipe(recipe(tmp_path, tiny_tok("llama", intermediate_size=192), [stage]))
+        prepare(r, Workspace(r.spec.output))
+
+
+def test_qlora_is_refused_under_fsdp(tiny_tok, tmp_path, monkeypatch):
+    """`accelerate launch --use_fsdp` sets ACCELERATE_USE_FSDP: NF4 bases cannot be sharded, said up front."""
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    stage = qat(base="nf4", group_size=128)
+    stage.pop("calib_data")
+    r = parse_recipe(recipe(tmp_path, tiny_tok("llama"), [stage]))
+    with pytest.raises(RecipeError, match=r"stages\[0\]\.base: base nf4 cannot train under FSDP"):
         prepare(r, Workspace(r.spec.output))
 
 

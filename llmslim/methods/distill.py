@@ -113,15 +113,15 @@ def _load_student(ctx: StageContext, cfg: DistillConfig) -> nn.Module:
 
 
 def run(ctx: StageContext, cfg: DistillConfig) -> StageResult:
-    student: Any = _load_student(ctx, cfg)
-    result, notes, in_memory = train_student(ctx, cfg, student)
-    model: Any = student.merge_and_unload() if cfg.trainable == "lora" else student
-    model = model.to("cpu").to(ctx.dtype)
-    if ctx.is_main_process:
-        ctx.save(model)
+    result, notes, in_memory = train_student(ctx, cfg, _load_student(ctx, cfg))
     notes["trainable"] = cfg.trainable if cfg.trainable == "all" else f"lora r={cfg.lora.r}, merged"
-    what = (f"student in float32 (whole model) with {'AdamW states' if cfg.trainable == 'all' else 'LoRA adapters'}"
-            f"; {in_memory}")
+    what = (f"student in float32 ({'sharded' if result.sharded else 'whole model'}) with "
+            f"{'AdamW states' if cfg.trainable == 'all' else 'LoRA adapters'}; {in_memory}")
+    if not ctx.is_main_process:  # it trained with the main process, which writes the stage
+        return StageResult({}, notes, what)
+    model: Any = result.model.merge_and_unload() if cfg.trainable == "lora" else result.model
+    model = model.to("cpu").to(ctx.dtype)
+    ctx.save(model)
     return StageResult(model.config, notes, what)
 
 

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from ..layerwise import run_layer, walk
+from ..workspace import write_json_atomic
 from .gptq.config import MixedConfig, disk_name
 from .gptq.core import rtn_quantize
 
@@ -101,8 +102,7 @@ def plan_groups(ctx: Any, lazy: Any, targets: list[list[Any]], fmt: Any, cfg: An
         bits = (total * fmt.bits + sum(c for c, k in zip(costs, chosen) if k)) / total
         saved = {"upgraded": upgraded, "average_bits": round(bits, 4), "targets": len(items),
                  "targets_upgraded": sum(chosen)}
-        file.parent.mkdir(parents=True, exist_ok=True)
-        file.write_text(json.dumps(saved))
+        write_json_atomic(file, saved)  # a kill mid-write must not leave half a file for the rerun to trust
     log.info("mixed precision: %d of %d targets at %d bits, average %.3f bits", saved["targets_upgraded"],
              saved["targets"], mixed.high_bits, saved["average_bits"])
     if not saved["upgraded"]:

@@ -35,6 +35,7 @@ from ..registry import Method, register
 from ..stage import StageContext, StageResult
 from ..training.config import TrainFields
 from ..training.fakequant import QatLinear
+from ..training.sharding import fsdp_requested
 from ..training.student import train_student
 from . import gptq
 from .gptq.config import GptqConfig, QuantFields, QuantFormat, disk_name
@@ -91,6 +92,11 @@ def plan(state: PlanState, cfg: QatConfig) -> PlanState:
         raise PlanError("base", f"{state.config.model_type}: qat trains LoRA adapters on Linear layers and MoE "
                                 "experts are fused parameters; quantize MoE models with gptq or rtn")
     if cfg.base == "nf4":
+        if fsdp_requested():  # accelerate's launch config asks for FSDP
+            raise PlanError("base", "base nf4 cannot train under FSDP: FSDP2 does not shard bitsandbytes' packed "
+                                    "4-bit weights (accelerate leaves them replicated) and llmslim cannot gather "
+                                    "them with the adapters; run it on one process or under DDP "
+                                    "(accelerate launch --multi_gpu)")
         return state  # dense in, dense out: the stage after it quantizes
     return gptq.plan(state, cfg)
 
@@ -197,11 +203,10 @@ def _write_grid(ctx: StageContext, model: Any, targets: list[list[Any]], fmt: Qu
     config = copy.deepcopy(ctx.after.config)
     config.dtype = ctx.dtype
     config.quantization_config = gptq.config_block(ctx, fmt, False, model, targets)
-    if ctx.is_main_process:
-        writer = CheckpointWriter(ctx.out_dir, max_shard_bytes=ctx.max_shard_bytes)
-        writer.add_state(adapter, rest, model.config)
-        writer.add(compressed)
-        writer.close(config)
+    writer = CheckpointWriter(ctx.out_dir, max_shard_bytes=ctx.max_shard_bytes)  # the main process only (run)
+    writer.add_state(adapter, rest, model.config)
+    writer.add(compressed)
+    writer.close(config)
     return config, {"integers_changed_by_training": f"{flipped:,} of {total:,} ({100 * flipped / max(total, 1):.2f} %)"}
 
 
@@ -210,45 +215,44 @@ def _write_grid(ctx: StageContext, model: Any, targets: list[list[Any]], fmt: Qu
 
 def _nf4_student(ctx: StageContext, cfg: QatConfig) -> Any:
     """The input model with every target Linear as bitsandbytes NF4 (double quantization) plus peft LoRA."""
+    model: Any = LazyModel(ctx.source, torch.float32).materialize_all()
+    targets, _ = gptq.targets_by_layer(model, ctx.source.adapter, cfg.ignore)
+    torch.manual_seed(ctx.seed)  # the adapters' random start: the same in every run of the recipe
+    names = [f"model.layers.{i}.{n}" for i, layer_targets in enumerate(targets) for t in layer_targets for n in t.names]
+    return nf4_lora(model, names, cfg.lora.r, cfg.lora.alpha, ctx.device)
+
+
+def nf4_lora(model: Any, names: list[str], r: int, alpha: float, device: torch.device) -> Any:
+    """QLoRA's student: the Linears `names` of `model` as bitsandbytes NF4 (double quantization, float32
+    compute), everything frozen, peft LoRA adapters (rank r, scale alpha / r) on those Linears."""
     from bitsandbytes.nn import Linear4bit, Params4bit
     from peft import LoraConfig, get_peft_model
 
-    model: Any = LazyModel(ctx.source, torch.float32).materialize_all()
-    targets, _ = gptq.targets_by_layer(model, ctx.source.adapter, cfg.ignore)
     for p in model.parameters():
         p.requires_grad_(False)
-    torch.manual_seed(ctx.seed)  # the adapters' random start: the same in every run of the recipe
-    names = []
-    for i, layer_targets in enumerate(targets):
-        for t in layer_targets:
-            for n in t.names:
-                full = f"model.layers.{i}.{n}"
-                parent_name, child = full.rsplit(".", 1)
-                parent = model.get_submodule(parent_name)
-                lin = getattr(parent, child)
-                q = Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                               compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
-                q.weight = Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
-                                      compress_statistics=True)
-                if lin.bias is not None:
-                    q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
-                setattr(parent, child, q.to(ctx.device))
-                names.append(full)
-    model = get_peft_model(model.to(ctx.device), LoraConfig(
-        r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0, target_modules=names, bias="none"))  # type: ignore[arg-type]
-    return model
+    for full in names:
+        parent_name, child = full.rsplit(".", 1)
+        parent = model.get_submodule(parent_name)
+        lin = getattr(parent, child)
+        q = Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                       compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
+        q.weight = Params4bit(lin.weight.data.clone(), requires_grad=False, quant_type="nf4",
+                              compress_statistics=True)
+        if lin.bias is not None:
+            q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        setattr(parent, child, q.to(device))  # bitsandbytes quantizes the weight on this move
+    return get_peft_model(model.to(device), LoraConfig(
+        r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=names, bias="none"))  # type: ignore[arg-type]
 
 
 @torch.no_grad()
-def _merge_nf4(ctx: StageContext, cfg: QatConfig, model: Any) -> tuple[Any, dict[str, Any]]:
-    """Dense weights: each NF4 base dequantized plus its adapters' delta; how far the next stage's grid
-    (rtn on it) moves them, relative to their norm."""
+def merge_nf4(model: Any) -> Any:
+    """The dense model QLoRA trained: each NF4 Linear of the peft `model` replaced by a float32 Linear
+    holding its dequantized weight plus its adapters' delta (alpha / r) B A; returns the base model."""
     import bitsandbytes.functional as bnbf
     from bitsandbytes.nn import Linear4bit
 
     base = model.get_base_model()
-    nxt = ctx.recipe.stages[ctx.stage.index + 1].config if ctx.stage.index + 1 < len(ctx.recipe.stages) else None
-    shift, norm = 0.0, 0.0
     for name, module in list(base.named_modules()):
         if not hasattr(module, "base_layer") or not isinstance(module.base_layer, Linear4bit):
             continue
@@ -262,7 +266,19 @@ def _merge_nf4(ctx: StageContext, cfg: QatConfig, model: Any) -> tuple[Any, dict
             plain.bias.data = b.bias.data.float()
         parent_name, child = name.rsplit(".", 1)
         setattr(base.get_submodule(parent_name), child, plain)
-        if isinstance(nxt, QuantFields):
+    return base
+
+
+def _merge_nf4(ctx: StageContext, model: Any) -> tuple[Any, dict[str, Any]]:
+    """`merge_nf4`, and how far the next stage's grid (rtn on it) moves the merged weights, relative to
+    their norm."""
+    names = {n for n, m in model.get_base_model().named_modules() if hasattr(m, "base_layer")}
+    base = merge_nf4(model)
+    nxt = ctx.recipe.stages[ctx.stage.index + 1].config if ctx.stage.index + 1 < len(ctx.recipe.stages) else None
+    shift, norm = 0.0, 0.0
+    if isinstance(nxt, QuantFields):
+        for name in sorted(names):
+            w = base.get_submodule(name).weight.data
             gs = QuantFormat.of(nxt).group_for(w.shape[1])
             if gs is not None:
                 shift += float((rtn_quantize(w, bits=nxt.bits, group_size=gs, symmetric=nxt.symmetric).weight - w)
@@ -282,18 +298,20 @@ def run(ctx: StageContext, cfg: QatConfig) -> StageResult:
     if cfg.base == "grid":
         student, targets, fmt = _grid_student(ctx, cfg)
         result, notes, in_memory = train_student(ctx, cfg, student)
-        config, grid_notes = _write_grid(ctx, student, targets, fmt)
+        if not ctx.is_main_process:  # it trained with the main process, which writes the stage
+            return StageResult({}, notes, in_memory)
+        config, grid_notes = _write_grid(ctx, result.model, targets, fmt)
         notes.update({"grid": f"W{fmt.bits} {'g' + str(fmt.group_size) if fmt.group_size != -1 else 'per channel'} "
                               f"{'symmetric' if fmt.symmetric else 'asymmetric'}", "init": cfg.init,
                       "learn_scales": cfg.learn_scales, **grid_notes})
-        return StageResult(config, notes, f"student in float32 (whole model, frozen on the grid) with LoRA "
-                                          f"adapters; {in_memory}")
-    student = _nf4_student(ctx, cfg)
-    result, notes, in_memory = train_student(ctx, cfg, student)
-    model, nf4_notes = _merge_nf4(ctx, cfg, student)
+        return StageResult(config, notes, f"student in float32 ({'sharded' if result.sharded else 'whole model'}, "
+                                          f"frozen on the grid) with LoRA adapters; {in_memory}")
+    result, notes, in_memory = train_student(ctx, cfg, _nf4_student(ctx, cfg))
+    if not ctx.is_main_process:
+        return StageResult({}, notes, in_memory)
+    model, nf4_notes = _merge_nf4(ctx, result.model)
     model = model.to("cpu").to(ctx.dtype)
-    if ctx.is_main_process:
-        ctx.save(model)
+    ctx.save(model)
     notes.update(nf4_notes)
     return StageResult(model.config, notes, f"student with NF4 base weights and LoRA adapters; {in_memory}")
 

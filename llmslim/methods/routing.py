@@ -72,7 +72,10 @@ def cluster_channels(features: torch.Tensor, experts: int, *, balanced: bool, it
     centroids = x[first:first + 1]
     for _ in range(1, experts):
         d = _sq_dist(x, centroids).min(dim=1).values
-        pick = int(torch.multinomial(d + 1e-12, 1, generator=generator)) if d.sum() > 0 else int(torch.randint(n, (1,)))
+        # every channel already sits on a centroid (fewer distinct patterns than experts): any one, but
+        # drawn from `generator` too, so that a rerun (a resumed moefy) splits the same way
+        pick = (int(torch.multinomial(d + 1e-12, 1, generator=generator)) if d.sum() > 0
+                else int(torch.randint(n, (1,), generator=generator)))
         centroids = torch.cat([centroids, x[pick:pick + 1]])
     assign = torch.empty(0)
     for _ in range(iterations):

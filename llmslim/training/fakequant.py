@@ -59,8 +59,10 @@ class QatLinear(nn.Module):
         self.learn_scales = learn_scales
         if learn_scales:
             self.log_scale = nn.Parameter(start.log())
-        self.register_buffer("scale0", start)
-        self.register_buffer("zero", zero.float())
+        # not in the state dict: the stage rebuilds them (deterministically) before a resumed run loads its
+        # state, and accelerate's FSDP2 loading expects every state-dict entry to be a sharded parameter
+        self.register_buffer("scale0", start, persistent=False)
+        self.register_buffer("zero", zero.float(), persistent=False)
 
     @property
     def base(self) -> nn.Linear:

@@ -6,10 +6,19 @@ step s takes the next `batch_size` windows, split into `grad_accum` micro-batche
 step only, so one process and N processes with the same recipe see the same global batches, and a resumed
 run sees exactly what the killed one would have.
 
-accelerate does the rest: the process group and DDP (or FSDP, from accelerate's own config) through
-`prepare`, gradient accumulation, mixed precision, gradient clipping, and `save_state`/`load_state` for
-the checkpoints (model, optimizer, scheduler, step counter, every process's RNG states), written every
-`save_every` steps into the stage's scratch directory through a temporary directory and a rename.
+accelerate does the rest: the process group and DDP, or FSDP2 when accelerate's launch config asks for
+FSDP (llmslim.training.sharding, CPU processes over gloo too), through `prepare`, gradient accumulation,
+mixed precision, gradient clipping, and `save_state`/`load_state` for the checkpoints (model or its
+shards, optimizer, scheduler, every process's RNG states, and `_Tally`: the step, tokens and seconds so
+far, the curve), written every `save_every` steps into the stage's scratch directory through a temporary
+directory and a rename.
+
+Resume is exact: a run killed anywhere and rerun on the same machine ends with the weights, curve and
+counters of an uninterrupted run, bit for bit on a CPU (tests/test_faults.py). Nothing in a step depends
+on what ran before it in the same process: the windows come from the seed and the step, dropout from the
+saved RNG states, AdamW from its saved float32 moments, and the CPU kernels training uses are
+deterministic for a given machine and thread count, so `torch.use_deterministic_algorithms` is not
+needed there. On GPUs (not measured) some CUDA kernels accumulate in a nondeterministic order.
 
 Each step logs the loss (and its terms), the learning rate and tokens/s: into the progress display, and
 into the stage notes as the training curve (also plotted in the export's report), with the perplexity on
@@ -36,6 +45,7 @@ from torch import Tensor, nn
 from ..errors import UserError
 from ..faults import crash_point
 from ..perplexity import perplexity
+from . import sharding
 from .config import TrainFields
 
 log = logging.getLogger(__name__)
@@ -79,17 +89,24 @@ def distributed_state():
     return PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(hours=12))
 
 
-class _Counter:
-    """The optimizer step, saved with accelerate's state (register_for_checkpointing needs state_dict)."""
+class _Tally:
+    """What the training has done so far, saved with accelerate's state (register_for_checkpointing needs
+    state_dict): the optimizer step, the tokens and seconds of those steps, the curve and the evaluations.
+    A resumed run continues these, so its report adds up to an uninterrupted run's."""
 
     def __init__(self) -> None:
-        self.step = 0
+        self.step, self.tokens, self.seconds = 0, 0, 0.0
+        self.curve: list[dict[str, float]] = []
+        self.evals: list[dict[str, float]] = []
 
-    def state_dict(self) -> dict[str, int]:
-        return {"step": self.step}
+    def state_dict(self) -> dict[str, Any]:
+        return {"step": self.step, "tokens": self.tokens, "seconds": self.seconds, "curve": self.curve,
+                "evals": self.evals}
 
-    def load_state_dict(self, d: dict[str, int]) -> None:
-        self.step = int(d["step"])
+    def load_state_dict(self, d: dict[str, Any]) -> None:
+        # .get: a state saved by an older llmslim holds the step only (its counters restart here)
+        self.step, self.tokens, self.seconds = int(d["step"]), int(d.get("tokens", 0)), float(d.get("seconds", 0))
+        self.curve, self.evals = list(d.get("curve", [])), list(d.get("evals", []))
 
 
 @dataclass
@@ -98,13 +115,17 @@ class TrainResult:
     resumed_from: int
     curve: list[dict[str, float]] = field(default_factory=list)
     evals: list[dict[str, float]] = field(default_factory=list)
-    seconds: float = 0.0
+    seconds: float = 0.0  # training time of every step in the result, across the runs a kill split it into
     tokens: int = 0
     processes: int = 1
+    sharded: bool = False
+    model: Any = None  # the trained model, whole: the one passed in, or (FSDP) gathered on the main process
 
     def notes(self) -> dict[str, Any]:
         out: dict[str, Any] = {"steps": self.steps, "processes": self.processes, "tokens_seen": self.tokens,
                                "train_seconds": round(self.seconds, 2), "curve": self.curve}
+        if self.sharded:
+            out["sharding"] = f"FSDP2 over {self.processes} processes"
         if self.resumed_from:
             out["resumed_from_step"] = self.resumed_from
         if self.evals:
@@ -127,22 +148,18 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 def train(model: nn.Module, windows: Tensor, loss_fn: LossFn, cfg: TrainFields, *, seed: int, device: torch.device,
           state_dir: Path, progress: Any, label: str, eval_windows: Tensor | None = None) -> TrainResult:
     """Train `model` (its parameters with requires_grad) on token windows [N, S] for cfg.steps steps,
-    minimising loss_fn; resumes from `state_dir`/train-state when a killed run left one. The model is
-    trained in place; the caller writes it out."""
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
+    minimising loss_fn; resumes from `state_dir`/train-state when a killed run left one. The trained model
+    is `result.model`: `model` itself, trained in place, or under FSDP a plain copy with the gathered
+    weights on the main process (None on the others). The caller writes it out."""
     from accelerate.utils import set_seed
 
     dist = distributed_state()
-    # AcceleratorState is a process-wide singleton that refuses a second Accelerator with other settings
-    # (e.g. a bf16 stage, then a float32 one, in one run); the process group (PartialState) stays
-    AcceleratorState._reset_state()
     precision = cfg.mixed_precision
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "no"
-    acc = Accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
-                      cpu=device.type == "cpu", step_scheduler_with_optimizer=False)
-    world, rank = acc.num_processes, acc.process_index
+    acc = sharding.accelerator(gradient_accumulation_steps=cfg.grad_accum, mixed_precision=precision,
+                               cpu=device.type == "cpu", step_scheduler_with_optimizer=False)
+    world, rank, fsdp = acc.num_processes, acc.process_index, sharding.is_fsdp(acc)
     per_micro = cfg.batch_size // cfg.grad_accum
     if per_micro % world:
         raise UserError(f"batch_size {cfg.batch_size} / grad_accum {cfg.grad_accum} = {per_micro} windows per "
@@ -153,46 +170,46 @@ def train(model: nn.Module, windows: Tensor, loss_fn: LossFn, cfg: TrainFields, 
         model_any: Any = model
         model_any.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
+    twin = sharding.skeleton(model) if fsdp else None  # FSDP shards `model` in place; the result goes here
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup, cfg.schedule))
     model, optimizer = acc.prepare(model, optimizer)
-    counter = _Counter()
-    acc.register_for_checkpointing(scheduler, counter)
+    tally = _Tally()
+    acc.register_for_checkpointing(scheduler, tally)
     saved = state_dir / STATE_DIR
     old = saved.with_name(saved.name + ".old")
     if acc.is_main_process and not saved.is_dir() and old.is_dir():  # killed between the two renames of _save
         os.replace(old, saved)
     acc.wait_for_everyone()
-    result = TrainResult(cfg.steps, 0, processes=world)
     set_seed(seed)  # dropout and anything else random; a resumed run gets the saved RNG states back below
+    resumed_from = 0
     if saved.is_dir():
         acc.load_state(str(saved))
-        result.resumed_from = counter.step
-        history = torch.load(saved / "history.pt", weights_only=False) if (saved / "history.pt").is_file() else {}
-        result.curve, result.evals = history.get("curve", []), history.get("evals", [])
-        log.info("%s: resuming the training at step %d of %d", label, counter.step, cfg.steps)
+        resumed_from = tally.step
+        log.info("%s: resuming the training at step %d of %d", label, tally.step, cfg.steps)
     order = window_order(windows.shape[0], cfg.steps, cfg.batch_size, seed)
     log_every = max(1, cfg.steps // MAX_CURVE_POINTS)
     unwrapped = acc.unwrap_model(model)
 
     def evaluate(step: int) -> None:
-        if eval_windows is None or not acc.is_main_process:
+        # under FSDP every process runs the forward (each layer's weights are gathered from all of them)
+        if eval_windows is None or not (acc.is_main_process or fsdp):
             return
         unwrapped.eval()
         with _without_autocast(unwrapped):  # the weights as they will be written, not their bf16 view
             ppl = perplexity(unwrapped, eval_windows).ppl
         unwrapped.train()
-        result.evals.append({"step": step, "ppl": round(ppl, 6)})
+        tally.evals.append({"step": step, "ppl": round(ppl, 6)})
         log.info("%s: step %d: perplexity %.4f on eval_data", label, step, ppl)
 
-    if not result.evals:
+    if not tally.evals:
         evaluate(0)
-    started = time.perf_counter()
+    started, before = time.perf_counter(), tally.seconds  # `before`: the seconds of the steps already done
     with progress.track(f"{label}: training", cfg.steps) as task:
-        task.advance(counter.step)
-        while counter.step < cfg.steps:
-            step = counter.step
+        task.advance(tally.step)
+        while tally.step < cfg.steps:
+            step = tally.step
             t0 = time.perf_counter()
             ids = order[step * cfg.batch_size: (step + 1) * cfg.batch_size]
             totals: dict[str, float] = {}
@@ -209,28 +226,33 @@ def train(model: nn.Module, windows: Tensor, loss_fn: LossFn, cfg: TrainFields, 
                     totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
             lr = float(scheduler.get_last_lr()[0])
             scheduler.step()
-            counter.step += 1
+            tally.step += 1
             seconds = time.perf_counter() - t0
             tokens = cfg.batch_size * windows.shape[1]
-            result.tokens += tokens
+            tally.tokens += tokens
             if world > 1:  # the mean over processes (each saw its share of the batch)
                 t = torch.tensor(list(totals.values()), device=acc.device)
                 totals = dict(zip(totals, (acc.reduce(t, reduction="mean")).tolist()))
-            if counter.step % log_every == 0 or counter.step == cfg.steps:
-                result.curve.append({"step": counter.step, **{k: round(v, 6) for k, v in totals.items()},
-                                     "lr": lr, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)})
+            if tally.step % log_every == 0 or tally.step == cfg.steps:
+                tally.curve.append({"step": tally.step, **{k: round(v, 6) for k, v in totals.items()},
+                                    "lr": lr, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)})
             task.advance()
             task.note(f"loss {totals['loss']:.4f}  lr {lr:.2e}  {tokens / max(seconds, 1e-9):,.0f} tok/s")
-            if cfg.eval_every and counter.step % cfg.eval_every == 0 and counter.step < cfg.steps:
-                evaluate(counter.step)
-            if counter.step % cfg.save_every == 0 and counter.step < cfg.steps:
-                _save(acc, saved, result)
+            if cfg.eval_every and tally.step % cfg.eval_every == 0 and tally.step < cfg.steps:
+                evaluate(tally.step)
+            if tally.step % cfg.save_every == 0 and tally.step < cfg.steps:
+                tally.seconds = before + time.perf_counter() - started
+                _save(acc, saved)
                 crash_point("train.saved")
+            crash_point("train.step")  # `train.step:N`: killed after step N, usually with steps lost since the save
     evaluate(cfg.steps)
     acc.wait_for_everyone()
-    result.seconds = time.perf_counter() - started
+    result = TrainResult(cfg.steps, resumed_from, tally.curve, tally.evals, seconds=before + time.perf_counter() - started,
+                         tokens=tally.tokens, processes=world, sharded=fsdp)
+    result.model = sharding.gather(acc, model, twin) if twin is not None else unwrapped
     acc.free_memory()  # drops the accelerator's references (DDP wrapper, optimizer) before the caller saves
-    acc.unwrap_model(unwrapped, keep_fp32_wrapper=False)  # and mixed precision's autocast around forward
+    if twin is None:
+        acc.unwrap_model(unwrapped, keep_fp32_wrapper=False)  # and mixed precision's autocast around forward
     del dist
     return result
 
@@ -251,15 +273,16 @@ def _without_autocast(model: nn.Module) -> Iterator[None]:
         model.forward = wrapped  # type: ignore[method-assign]
 
 
-def _save(acc: Any, saved: Path, result: TrainResult) -> None:
-    """accelerate's full training state, into a temporary directory renamed over the previous one."""
+def _save(acc: Any, saved: Path) -> None:
+    """accelerate's full training state, into a temporary directory renamed over the previous one (under
+    FSDP every process writes its shards of the model and optimizer there)."""
     tmp = saved.with_name(saved.name + ".tmp")
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
     acc.save_state(str(tmp), safe_serialization=True)
+    acc.wait_for_everyone()  # every process's files are in tmp before it becomes the checkpoint
     if acc.is_main_process:
-        torch.save({"curve": result.curve, "evals": result.evals}, tmp / "history.pt")
         old = saved.with_name(saved.name + ".old")
         if saved.exists():
             os.replace(saved, old)
