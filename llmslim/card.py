@@ -17,15 +17,10 @@ from typing import Any
 
 import yaml
 
-from .ownership import REPORT, add_to_record
+from .ownership import CARD, MARKER, REPORT, add_to_record
 from .report import human_bytes, human_count
 
-CARD = "README.md"
 RECIPE_COPY = "llmslim_recipe.yaml"
-# The first line of the body, for readers of the file. llmslim tells its own card (which it may rewrite, or
-# replace with the export) from anybody's README.md by the report's record of it (size, sha256: write_card);
-# the marker is how exports whose report lists names only (an earlier llmslim's) were told apart.
-MARKER = "<!-- model card written by `llmslim push` from llmslim_report.json; it rewrites this file -->"
 
 QUANTIZERS = {"gptq", "rtn", "awq", "autoround"}  # post-training: the base model's weights, rounded
 PRUNERS = {"drop_layers", "prune_heads", "prune_ffn", "prune_experts", "set_topk"}
@@ -117,9 +112,9 @@ def base_card(model: str, revision: str | None) -> tuple[dict[str, Any], str | N
 
 
 def _trains(method: str) -> bool:
-    from .registry import load_methods
+    from .registry import METHODS
 
-    found = load_methods().get(method)
+    found = METHODS.get(method)
     return bool(found and found.trains)
 
 
@@ -303,16 +298,6 @@ def _data(recipe: dict[str, Any]) -> list[str]:
     lines += [f"| {t} | evaluation (lm-evaluation-harness task) | its task definition |" for t in tasks]
     return lines + ["", "The `datasets` metadata lists the Hub datasets the model was calibrated or trained on; "
                     "evaluation data and local files are listed in this table only.", ""]
-
-
-def is_own_card(path: Path) -> bool:
-    """Whether `path` carries the marker of a card llmslim wrote (for an earlier llmslim's exports only:
-    newer ones record the card's hash)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return MARKER in f.read(64 * 1024)
-    except OSError:
-        return False
 
 
 def write_card(export: Path, repo_id: str) -> Path:

@@ -27,6 +27,11 @@ from typing import Any
 
 REPORT = "llmslim_report.json"
 CHUNK = 16 << 20  # bytes per read when hashing: large weight files are streamed, not loaded
+CARD = "README.md"  # the model card `llmslim push` writes into the export (card.py)
+# The first line of the body, for readers of the file. llmslim tells its own card (which it may rewrite, or
+# replace with the export) from anybody's README.md by the report's record of it (size, sha256: write_card);
+# the marker is how exports whose report lists names only (an earlier llmslim's) were told apart.
+MARKER = "<!-- model card written by `llmslim push` from llmslim_report.json; it rewrites this file -->"
 
 
 def sha256_of(path: Path) -> str:
@@ -81,6 +86,16 @@ def export_containing(path: Path) -> Path | None:
     """The llmslim export that `path` is or lies inside (a folder holding a report), if any."""
     resolved = path.resolve()
     return next((p for p in (resolved, *resolved.parents) if (p / REPORT).is_file()), None)
+
+
+def is_own_card(path: Path) -> bool:
+    """Whether `path` carries the marker of a card llmslim wrote (for an earlier llmslim's exports only:
+    newer ones record the card's hash)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            return MARKER in f.read(64 * 1024)
+    except OSError:
+        return False
 
 
 @dataclass
@@ -145,8 +160,6 @@ def audit(export: Path, *, hashes: bool = True) -> Audit:
 
 
 def _audit_legacy(export: Path, names: list[Any], files: list[str]) -> Audit:
-    from .card import CARD, is_own_card  # (card imports this module)
-
     listed = {n for n in names if isinstance(n, str)} | {"llmslim_report.md"}
     if is_own_card(export / CARD):  # how an earlier llmslim told its card apart
         listed.add(CARD)
