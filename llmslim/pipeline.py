@@ -41,7 +41,7 @@ from .memory import PeakMemory
 from .plan import PlanState, make_plan
 from .progress import Progress
 from .recipe import Recipe
-from .registry import load_methods
+from .registry import METHODS
 from .stage import StageContext
 from .workspace import (
     STAGE_RECORD,
@@ -351,7 +351,6 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
     state = work.load_state()
     _check_resume(recipe, state, work, hashes)
     full_hash = recipe.full_hash()
-    methods = load_methods()
     report = up_to_date_report(work, state, full_hash)
     if report is not None:
         launch.announce(work, [])
@@ -362,7 +361,7 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
         log.info("resuming %s: done in earlier runs: %s", work.output, ", ".join(units))
     last = resume_point(recipe, state, work, hashes)
     work.save_state(state)
-    launch.announce(work, [s.index for s in recipe.stages if s.index > last and methods[s.method].trains])
+    launch.announce(work, [s.index for s in recipe.stages if s.index > last and METHODS[s.method].trains])
 
     data = DataHub(recipe.spec.data, load_tokenizer(src_dir), seed=recipe.spec.seed,
                    max_len=getattr(source.config, "max_position_embeddings", None))
@@ -392,13 +391,12 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
         ctx = StageContext(recipe, stage, current, tmp, scratch, dtype, device,
                            data, progress, states[stage.index], states[stage.index + 1],
                            _shard_bytes(recipe), cdt, original=source, history=list(state["stages"]))
-        if methods[stage.method].trains:
+        if METHODS[stage.method].trains:
             launch.barrier()  # the other processes of an `accelerate launch` train this stage with us
         log.info("%s: starting", stage.label)
         crash_point("stage.start")
+        method_run = METHODS[stage.method].runner()
         started = time.perf_counter()
-        method_run = methods[stage.method].run
-        assert method_run is not None, f"{stage.method} is not implemented"
         with PeakMemory() as mem:
             result = method_run(ctx, stage.config)
         seconds = time.perf_counter() - started
@@ -447,7 +445,6 @@ def _follow(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, sour
             states: list[PlanState], progress: Progress) -> dict[str, Any]:
     """A process other than the main one: train the training stages the main process runs, write nothing."""
     plan = launch.wait_for(work)
-    methods = load_methods()
     dtype = states[0].dtype
     device, cdt = _devices(recipe, launch, dtype)
     data = DataHub(recipe.spec.data, load_tokenizer(src_dir), seed=recipe.spec.seed,
@@ -463,9 +460,7 @@ def _follow(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, sour
                            device, data, progress, states[i], states[i + 1], _shard_bytes(recipe), cdt,
                            original=source, history=list(work.load_state().get("stages", [])), is_main_process=False)
         launch.barrier()
-        method_run = methods[stage.method].run
-        assert method_run is not None
-        method_run(ctx, stage.config)
+        METHODS[stage.method].runner()(ctx, stage.config)
     launch.release()
     return {"follower": True, "trained": plan["training"]}
 

@@ -18,7 +18,7 @@ from .adapters import Adapter, ModelShape
 from .errors import RecipeError
 
 if TYPE_CHECKING:
-    from .methods.gptq.config import Grid
+    from .methods.configs.gptq import Grid
 
 
 class PlanError(ValueError):
@@ -102,9 +102,8 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
     """Rows (the original, then one per stage) and the PlanState after each stage. Raises RecipeError
     naming the stage field when a stage's parameters do not fit the model."""
     from .gguf import source_record
-    from .registry import load_methods
+    from .registry import METHODS
 
-    methods = load_methods()
     if state.original is None:
         state = replace(state, original=state.config)
     gguf = source_record(state.source_dir)
@@ -114,14 +113,13 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
     problems = []
     quantized_at = None
     for stage in recipe.stages:
-        method = methods[stage.method]
+        method = METHODS[stage.method]
         if quantized_at is not None:
             problems.append(f"{recipe.where(('stages', stage.index))}: stages[{stage.index}]: nothing can follow "
                             f"the quantization in stages[{quantized_at}]; put quantization last")
             break
-        assert method.plan is not None, f"{stage.method} has no plan"
         try:
-            state = method.plan(state, stage.config)
+            state = method.planner()(state, stage.config)
         except PlanError as e:
             path = ("stages", stage.index, e.field)
             problems.append(f"{recipe.where(path)}: stages[{stage.index}].{e.field}: {e}")

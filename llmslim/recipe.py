@@ -18,7 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import RecipeError
-from .registry import METHODS, MethodConfig, implemented_methods, load_methods
+from .methods.configs.base import MethodConfig
+from .registry import METHODS, implemented_methods
 
 Path_ = tuple[Any, ...]
 
@@ -453,7 +454,6 @@ def _validate_stage(i: int, entry: Any, data_names: list[str], filename: str,
 
 def parse_recipe(text: str, filename: str = "recipe.yaml", overrides: list[str] | None = None) -> Recipe:
     """Parse and validate recipe text. Raises RecipeError with every problem found, one line each."""
-    load_methods()
     data, lines = _load_yaml(text, filename)
     if not isinstance(data, dict):
         raise RecipeError([f"{filename}:1: the recipe must be a mapping of fields (model:, output:, ...)"])

@@ -15,7 +15,7 @@ from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
 from llmslim.recipe import DataSource, EvalConfig, ExportConfig, PushConfig, RecipeModel, ThroughputConfig
-from llmslim.registry import load_methods
+from llmslim.registry import METHODS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BEGIN, END = "<!-- recipe-reference:begin -->", "<!-- recipe-reference:end -->"
@@ -53,7 +53,7 @@ def reference() -> str:
            "### `eval.throughput`", "", " ".join((ThroughputConfig.__doc__ or "").split()), "", *table(ThroughputConfig), "",
            "### `push`", "", " ".join((PushConfig.__doc__ or "").split()), "", *table(PushConfig), "",
            "### Stages", "", "Each entry of `stages:` is `method:` plus that method's fields."]
-    for name, method in sorted(load_methods().items()):
+    for name, method in sorted(METHODS.items()):
         if method.run is None:
             out += ["", f"#### `{name}` (reserved: {method.planned_for})"]
             continue

@@ -17,8 +17,11 @@ import sys
 import tempfile
 from pathlib import Path
 
+from llmslim.registry import METHODS
+
+# the method implementations too: the registry imports them only when a stage is planned
 PRELOAD = ["torch", "transformers", "llmslim.cli", "llmslim.pipeline", "llmslim.publish", "llmslim.check",
-           "llmslim.methods"]
+           *sorted({m.run.partition(":")[0] for m in METHODS.values() if m.run})]
 _ctx = None
 
 

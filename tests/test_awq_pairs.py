@@ -14,7 +14,7 @@ from tiny_models import tiny_recipe
 
 from llmslim.errors import RecipeError
 from llmslim.methods import autoround, awq
-from llmslim.methods.gptq.config import Grid
+from llmslim.methods.configs.gptq import Grid
 from llmslim.methods.gptq.core import rtn_quantize
 from llmslim.pipeline import Workspace, prepare, run
 from llmslim.recipe import parse_recipe

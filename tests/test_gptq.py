@@ -22,8 +22,9 @@ from llmslim.checkpoint import Checkpoint, LazyModel
 from llmslim.data import DataHub
 from llmslim.errors import RecipeError
 from llmslim.layerwise import capture_inputs, walk
+from llmslim.methods.configs.gptq import GptqConfig, RtnConfig
 from llmslim.methods.gptq import targets_by_layer
-from llmslim.methods.gptq.config import GptqConfig, QuantFormat, RtnConfig
+from llmslim.methods.gptq.format import QuantFormat
 from llmslim.methods.gptq.layer import collect_hessians, quantize_layer, restore_layer
 from llmslim.perplexity import perplexity
 from llmslim.pipeline import run

@@ -270,7 +270,7 @@ def test_autoround_learns_a_layer_better_than_rtn_and_never_ends_worse(tiny):
     parameters are worse and the start is kept. Either way the layer computes with exactly the returned (on-grid) weights."""
     from llmslim.checkpoint import Checkpoint, LazyModel
     from llmslim.layerwise import capture_inputs, run_layer, walk
-    from llmslim.methods.gptq.config import QuantFormat
+    from llmslim.methods.gptq.format import QuantFormat
 
     ckpt = Checkpoint(tiny("llama"))
     lazy = LazyModel(ckpt, torch.float32)
@@ -385,7 +385,8 @@ def test_bad_mixed_precision_groups_get_one_clear_line(tiny, tmp_path, groups, m
 
 
 def test_what_vllm_cannot_load_on_this_kind_of_machine_is_said_by_a_pure_function():
-    from llmslim.methods.gptq.config import QuantFormat, RtnConfig
+    from llmslim.methods.configs.gptq import RtnConfig
+    from llmslim.methods.gptq.format import QuantFormat
 
     def limitation(gpu: bool, **kw) -> str | None:
         return QuantFormat.of(RtnConfig(**kw)).vllm_limitation(gpu)
@@ -449,7 +450,7 @@ def test_every_ptq_export_loads_in_vllm(tiny_tok, tmp_path):
 
 
 def test_allocation_spends_the_budget_on_the_best_gain_per_bit():
-    from llmslim.methods.mixed import allocate
+    from llmslim.methods.gptq.mixed import allocate
 
     gains, costs = [10.0, 1.0, 6.0, 0.0, 3.0], [10, 1, 3, 1, 6]
     # gain per cost: 1.0, 1.0, 2.0, 0, 0.5 -> item 2 first, then 0 (10, fits in 14), then 1 (1), then 4 (no)
@@ -460,7 +461,7 @@ def test_allocation_spends_the_budget_on_the_best_gain_per_bit():
 
 
 def test_sensitivity_weighs_errors_by_the_inputs_second_moment():
-    from llmslim.methods.mixed import sensitivity
+    from llmslim.methods.gptq.mixed import sensitivity
 
     gen = torch.Generator().manual_seed(0)
     W = torch.randn(32, 64, generator=gen)

@@ -1,7 +1,3 @@
-"""Compression methods. Each module holds one method's config, its logic and one `register(...)` call;
-importing this package registers them all. Names that later releases implement are reserved here
-(`registry.reserve`) so that recipes using them get a clear message instead of "unknown method"; none is
-reserved today."""
-
-from . import autoround, awq, distill, drop_layers, experts, gptq, moefy, prune_ffn, prune_heads, qat  # noqa: F401
-
+"""Compression methods: each one's recipe parameters in configs/ (the layer below the recipe), its logic in a
+module or package here (the layer above it), and one line in llmslim/registry.py that joins the two. Nothing
+is imported here: importing any one method must not load the others."""

@@ -31,41 +31,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..layerwise import LayerInputs, layer_output
 from ..plan import PlanError, PlanState
-from ..registry import Method, register
-from .gptq import config as qconfig
+from .configs.autoround import AutoRoundConfig
 from .gptq.core import QuantResult, _params, _qrange, dequantize_groups
+from .gptq.format import QuantFormat
 
 log = logging.getLogger(__name__)
-
-
-class AutoRoundConfig(qconfig.QuantFields):
-    """Learned rounding offsets and clipping ranges per decoder layer, trained by signed gradient descent
-    on the layer's output error; exported on the grid of `bits`/`group_size`/`symmetric` like gptq."""
-
-    data: str
-    """Calibration source (from `data:`)."""
-    iters: int = Field(default=200, gt=0)
-    """Signed-gradient steps per decoder layer, each on one calibration batch (8 windows)."""
-    lr: float | None = Field(default=None, gt=0)
-    """Step size (in integer steps for the offsets); default 1 / iters, decaying linearly to 0."""
-    full_range: bool = True
-    """Symmetric grids: each group's largest-magnitude weight on -2^(bits-1) (its scale negative when that
-    weight is positive), a finer step than gptq/rtn's grid in the same format; false: gptq/rtn's grid (the
-    start is then exactly rtn's). Asymmetric grids use their whole range already and ignore this."""
-
-    @model_validator(mode="after")
-    def _autoround(self) -> AutoRoundConfig:
-        if self.activation_bits is not None:
-            raise ValueError("autoround is weight-only: activation_bits must stay null")
-        if self.observer != "minmax":
-            raise ValueError("observer: autoround learns each group's clipping range itself; leave observer "
-                             "at minmax (the mse observer is for gptq and rtn)")
-        return self
 
 
 # ---------------------------------------------------------------- pure core
@@ -179,7 +153,7 @@ def _objective(layer: nn.Module, inputs: LayerInputs, targets: list[Tensor]) -> 
     return total / sum(y.numel() for y in targets)
 
 
-def learn_layer(layer: nn.Module, formats: dict[str, qconfig.QuantFormat], inputs: LayerInputs,
+def learn_layer(layer: nn.Module, formats: dict[str, QuantFormat], inputs: LayerInputs,
                 targets: list[Tensor], cfg: AutoRoundConfig, scale_dtype: torch.dtype, gen: torch.Generator
                 ) -> tuple[dict[str, QuantResult], dict[str, Any]]:
     """Learn the rounding of the Linears of `layer` named in `formats` (memory names -> their grid) so that
@@ -249,7 +223,7 @@ def stack(results: list[QuantResult]) -> QuantResult:
 
 
 def learn(layer: nn.Module, index: int, adapter: Any, targets: list[Any], inputs: LayerInputs,
-          outputs: list[Tensor], cfg: AutoRoundConfig, fmt: qconfig.QuantFormat, scale_dtype: torch.dtype, seed: int
+          outputs: list[Tensor], cfg: AutoRoundConfig, fmt: QuantFormat, scale_dtype: torch.dtype, seed: int
           ) -> tuple[dict[tuple[str, ...], QuantResult], dict[str, Any]]:
     """The gptq stage's hook for one decoder layer: every target group's learned QuantResult (rows of the
     group's Linears stacked) and the layer's notes."""
@@ -272,6 +246,3 @@ def run(ctx: Any, cfg: AutoRoundConfig) -> Any:
     from .gptq import run as quant_run
 
     return quant_run(ctx, cfg, learn=learn)
-
-
-register(Method("autoround", AutoRoundConfig, run, plan))

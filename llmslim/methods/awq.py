@@ -32,71 +32,22 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import Tensor, nn
 
 from ..faults import crash_point
 from ..layerstore import done_layers, layer_file, load_layer, save_layer, write_export
 from ..layerwise import forward_layer, walk
 from ..plan import PlanError, PlanState
-from ..registry import Method, MethodConfig, register
 from ..stage import StageContext, StageResult
 from .autoround import Rounding, final_weights
-from .gptq import config as qconfig
-from .gptq.config import GRID_FIELDS, Grid, check_patterns, matches
+from .configs.awq import AwqConfig
+from .configs.gptq import Grid, RtnConfig, matches
 from .gptq.core import rtn_quantize
 
 log = logging.getLogger(__name__)
-
-
-class AwqConfig(MethodConfig):
-    """Activation-aware scaling: per-input-channel scales searched for the grid of the quantization stage
-    that follows, folded into the preceding norm or Linear (the model keeps its architecture)."""
-
-    data: str
-    """Calibration source (from `data:`)."""
-    bits: Literal[2, 3, 4, 8] = 4
-    """Bits of the grid the scales are searched for. Each grid field left out here is taken from the
-    quantization stage that follows (its own default when nothing quantizes next); one given here must
-    equal that stage's (checked)."""
-    group_size: Literal[-1, 32, 64, 128] = 128
-    """Group size of that grid (-1: per channel); default: the following stage's."""
-    symmetric: bool = True
-    """Whether that grid is symmetric; default: the following stage's."""
-    per_channel_fallback: bool = False
-    """As in gptq: Linears whose input width group_size does not divide are searched per channel; default:
-    the following stage's."""
-    observer: Literal["minmax", "mse"] = "minmax"
-    """The range each group's grid takes during the search; default: the following stage's `observer`."""
-    full_range: bool = False
-    """Symmetric grids: autoround's full-range scales (the largest-magnitude weight on -2^(bits-1)) instead of
-    gptq/rtn's; default: the following stage's (true before an autoround stage that keeps its default)."""
-    grid: int = Field(default=20, ge=1, le=200)
-    """Exponents a tried per mapping: 0, 1/grid, ..., (grid-1)/grid (plus no scaling)."""
-    duo_scaling: bool = True
-    """s = mean|x|^a / mean|W|^(1-a) (AutoAWQ's default); false: s = mean|x|^a (the AWQ paper)."""
-    tokens: int = Field(default=8192, gt=0)
-    """Calibration tokens per layer used in the search (a seeded sample of `data`)."""
-    ignore: list[str] = ["lm_head"]
-    """The Linears the following stage keeps unquantized (the same patterns, checked): their mappings are
-    not scaled, since there is no rounding error to trade."""
-
-    @model_validator(mode="after")
-    def _patterns(self) -> AwqConfig:
-        check_patterns([(f"ignore[{i}]", p) for i, p in enumerate(self.ignore)])
-        return self
-
-    def before(self, following: MethodConfig | None) -> AwqConfig:
-        """The grid fields this stage leaves out, from the quantization stage that follows: awq then searches
-        on exactly the grid that stage rounds to (the plan checks the fields given here)."""
-        if not isinstance(following, qconfig.QuantFields):
-            return self
-        given = self.model_fields_set
-        taken = {f: getattr(following, f, False) for f in GRID_FIELDS if f not in given}  # full_range: gptq has none
-        return type(self).model_validate({**self.model_dump(include=given), **taken}) if taken else self
 
 
 # ---------------------------------------------------------------- the search (pure)
@@ -273,8 +224,8 @@ def plan(state: PlanState, cfg: AwqConfig) -> PlanState:
     if state.adapter.is_moe:
         raise PlanError("method", f"{state.config.model_type}: awq scales dense Linears; MoE experts are fused "
                                 "parameters it does not handle yet: quantize MoE models with gptq or rtn")
-    grid = qconfig.RtnConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
-                             per_channel_fallback=cfg.per_channel_fallback, ignore=cfg.ignore)
+    grid = RtnConfig(bits=cfg.bits, group_size=cfg.group_size, symmetric=cfg.symmetric,
+                     per_channel_fallback=cfg.per_channel_fallback, ignore=cfg.ignore)
     from .gptq import plan as quant_plan
 
     quant_plan(replace(state, awq_grid=None), grid)  # the same width checks as the quantization stage (group_size must fit)
@@ -318,6 +269,3 @@ def run(ctx: StageContext, cfg: AwqConfig) -> StageResult:
     if done:
         notes_out["layers_from_earlier_run"] = len(done)
     return StageResult(config, notes_out)
-
-
-register(Method("awq", AwqConfig, run, plan))

@@ -22,17 +22,11 @@ from ..checkpoint import LazyModel
 from ..errors import UserError
 from ..loading import has_tokenizer, resolve_model
 from ..plan import PlanError, PlanState
-from ..registry import Method, register
 from ..stage import StageContext, StageResult
-from ..training.config import TrainFields
 from ..training.student import train_student
+from .configs.distill import DistillConfig
 
 log = logging.getLogger(__name__)
-
-
-class DistillConfig(TrainFields):
-    """Distillation from the original model (or `teacher`) into what the earlier stages left: logits KL,
-    hidden-state distance and/or LM loss, trained with accelerate, resumable every `save_every` steps."""
 
 
 # ---------------------------------------------------------------- plan
@@ -123,6 +117,3 @@ def run(ctx: StageContext, cfg: DistillConfig) -> StageResult:
     model = model.to("cpu").to(ctx.dtype)
     ctx.save(model)
     return StageResult(model.config, notes, what)
-
-
-register(Method("distill", DistillConfig, run, plan, trains=True))

@@ -20,10 +20,9 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 
 from ..adapters import layer_of
@@ -31,40 +30,13 @@ from ..faults import crash_point
 from ..layerstore import done_layers, layer_file, load_layer, save_layer, write_export
 from ..layerwise import forward_layer, walk
 from ..plan import PlanError, PlanState
-from ..registry import Method, MethodConfig, register
 from ..stage import StageContext, StageResult
 from . import importance as imp
 from . import routing
+from .configs.experts import PruneExpertsConfig, SetTopkConfig
 from .moefy import routing_notes
 
 log = logging.getLogger(__name__)
-
-ExpertCriterion = Literal["frequency", "gate_weight", "reap", "random"]
-
-
-class PruneExpertsConfig(MethodConfig):
-    """Remove experts from every MoE layer: give `keep` (experts per layer) or `ratio` (fraction removed)."""
-
-    keep: int | None = Field(default=None, gt=0)
-    """Experts each MoE layer keeps (the same in every layer)."""
-    ratio: float | None = Field(default=None, gt=0, lt=1)
-    """Fraction of experts to remove: keep = round(experts * (1 - ratio)), halves toward removing more."""
-    criterion: ExpertCriterion = "reap"
-    """How experts are ranked per layer: frequency, gate_weight, reap (router-weighted output norm) or random."""
-    data: str | None = None
-    """Calibration source (from `data:`) for every criterion but random."""
-
-    @model_validator(mode="after")
-    def _check(self) -> PruneExpertsConfig:
-        if (self.keep is None) == (self.ratio is None):
-            raise ValueError("give exactly one of 'keep' (experts per layer) or 'ratio' (fraction to remove)")
-        if self.criterion != "random" and self.data is None:
-            raise ValueError(f"criterion '{self.criterion}' measures routing on text: set 'data' to a source from "
-                             "data:, or use criterion 'random'")
-        return self
-
-    def data_source(self) -> str | None:
-        return self.data if self.criterion != "random" else None
 
 
 def _need_moe(state: PlanState, method: str, field: str) -> Any:
@@ -212,16 +184,6 @@ def run_prune(ctx: StageContext, cfg: PruneExpertsConfig) -> StageResult:
 # ---------------------------------------------------------------- set_topk
 
 
-class SetTopkConfig(MethodConfig):
-    """Change how many experts each token uses (num_experts_per_tok)."""
-
-    top_k: int = Field(gt=0)
-    """Experts per token; at most the model's expert count."""
-    norm_topk_prob: bool | None = None
-    """Qwen2-MoE / Qwen3-MoE: divide the top-k weights by their sum (null: keep the model's setting).
-    Mixtral always does; false is refused there."""
-
-
 def plan_topk(state: PlanState, cfg: SetTopkConfig) -> PlanState:
     _need_moe(state, "set_topk", "top_k")
     s = state.shape
@@ -253,7 +215,3 @@ def run_topk(ctx: StageContext, cfg: SetTopkConfig) -> StageResult:
     before, after = ctx.before.config, config
     return StageResult(config, {"top_k": f"{before.num_experts_per_tok} -> {after.num_experts_per_tok}",
                                 "normalized_topk_weights": normalizes(after)})
-
-
-register(Method("prune_experts", PruneExpertsConfig, run_prune, plan_prune, changes_shape=True))
-register(Method("set_topk", SetTopkConfig, run_topk, plan_topk, changes_shape=True))

@@ -33,10 +33,9 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
 from transformers import MixtralConfig, PretrainedConfig, Qwen2MoeConfig, Qwen3MoeConfig
 from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -48,37 +47,11 @@ from ..faults import crash_point
 from ..layerstore import done_layers, layer_file, load_layer, save_layer, write_export
 from ..layerwise import forward_layer, walk
 from ..plan import PlanError, PlanState
-from ..registry import Method, MethodConfig, register
 from ..stage import StageContext, StageResult
 from . import routing
+from .configs.moefy import MoefyConfig
 
 log = logging.getLogger(__name__)
-
-
-class MoefyConfig(MethodConfig):
-    """Split every dense FFN into `experts` routed experts (and an optional shared expert), `top_k` active
-    per token, with a router fitted on calibration activations."""
-
-    experts: int = Field(gt=1)
-    """Routed experts per layer; the FFN width (less `shared`) must divide evenly by it."""
-    top_k: int = Field(gt=0)
-    """Experts each token uses (num_experts_per_tok); at most `experts`."""
-    shared: int = Field(default=0, ge=0)
-    """FFN channels kept as an always-on shared expert (exported as Qwen2-MoE); 0: none (Mixtral/Qwen3-MoE)."""
-    split: Literal["balanced_cluster", "cluster", "random"] = "balanced_cluster"
-    """How channels are grouped: balanced k-means of activation patterns, k-means made equal-size at the
-    end, or a seeded random split."""
-    data: str
-    """Calibration source (from `data:`): activations for the split and the router."""
-    tokens: int = Field(default=8192, gt=0)
-    """Calibration tokens per layer used for clustering and the router (a seeded sample of `data`)."""
-
-    @model_validator(mode="after")
-    def _check(self) -> MoefyConfig:
-        if self.top_k > self.experts:
-            raise ValueError(f"top_k {self.top_k} is more than experts {self.experts}: a token can use at most "
-                             "every expert")
-        return self
 
 
 # ---------------------------------------------------------------- plan: the target architecture
@@ -317,6 +290,3 @@ def routing_notes(by_layer: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if unrouted:
         log.warning("experts that received no calibration token (layer: experts): %s", unrouted)
     return {"layers": by_layer, "unrouted_experts": unrouted}
-
-
-register(Method("moefy", MoefyConfig, run, plan, changes_shape=True))

@@ -7,7 +7,7 @@ supplies a `LayerPruner` (its targets, statistics, weight scores and surgery); t
 from __future__ import annotations
 
 import copy
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -17,24 +17,7 @@ from ..layerwise import walk
 from ..stage import StageContext, StageResult
 from . import importance as imp
 
-Criterion = Literal["activation", "magnitude", "taylor", "random"]
-DATA_CRITERIA = ("activation", "taylor")
 NOTE_LIMIT = 20_000  # kept indices are listed in the report up to this many numbers per stage
-
-
-def refuse_per_layer(value: Any, what: str) -> Any:
-    """Field validator body: a list or mapping asks for per-layer (non-uniform) sizes, which we refuse."""
-    if isinstance(value, (list, tuple, dict)):
-        raise ValueError(f"per-layer (non-uniform) {what} are not supported: vLLM and transformers build every "
-                         "layer from one number in config.json, so every layer keeps the same size; give a "
-                         "single number")
-    return value
-
-
-def check_criterion(criterion: str, data: str | None) -> None:
-    if criterion in DATA_CRITERIA and data is None:
-        raise ValueError(f"criterion '{criterion}' measures the model on text: set 'data' to a source from "
-                         "data:, or use criterion 'magnitude' or 'random'")
 
 
 class Collector:

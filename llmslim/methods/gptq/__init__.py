@@ -29,23 +29,10 @@ from ...formats.compressed import QuantScheme, quantization_config_groups
 from ...layerstore import done_layers, layer_file, load_layer, save_layer, write_export
 from ...layerwise import LayerInputs, run_layer, walk
 from ...plan import PlanError, PlanState, meta_model
-from ...registry import Method, register
 from ...stage import StageContext, StageResult
-from .. import mixed
-from .config import (
-    GptqConfig,
-    Grid,
-    QuantFields,
-    QuantFormat,
-    RtnConfig,
-    Target,
-    disk_name,
-    expert_names,
-    layer_targets,
-    matches,
-    resolve_ignore,
-    target_names,
-)
+from ..configs.gptq import GptqConfig, Grid, QuantFields, matches
+from . import mixed
+from .format import QuantFormat, Target, disk_name, expert_names, layer_targets, resolve_ignore, target_names
 from .layer import collect_hessians, quantize_layer, restore_layer, scheme_for
 
 log = logging.getLogger(__name__)
@@ -325,7 +312,3 @@ def _notes(fmt: QuantFormat, cfg: QuantFields, layers: list[dict[str, Any]], res
         notes["layers_from_earlier_run"] = resumed
     notes["layers"] = layers
     return notes
-
-
-register(Method("gptq", GptqConfig, run, plan))
-register(Method("rtn", RtnConfig, run, plan))

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from ...adapters import Adapter
 from ...formats.compressed import QuantScheme, compress_linear, decompress_linear
 from ...layerwise import LayerInputs, layer_output
-from .config import GptqConfig, QuantFields, QuantFormat, Target, disk_name, expert_names
+from ..configs.gptq import GptqConfig, QuantFields
 from .core import (
     CrossAccumulator,
     HessianAccumulator,
@@ -34,6 +34,7 @@ from .core import (
     gptq_quantize,
     rtn_quantize,
 )
+from .format import QuantFormat, Target, disk_name, expert_names
 
 
 def scheme_for(fmt: QuantFormat, in_features: int, act_order: bool) -> QuantScheme:

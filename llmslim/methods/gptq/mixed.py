@@ -21,10 +21,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..layerwise import run_layer, walk
-from ..workspace import write_json_atomic
-from .gptq.config import MixedConfig, disk_name
-from .gptq.core import rtn_quantize
+from ...layerwise import run_layer, walk
+from ...workspace import write_json_atomic
+from ..configs.gptq import MixedConfig
+from .core import rtn_quantize
+from .format import disk_name
 
 log = logging.getLogger(__name__)
 
