@@ -39,6 +39,17 @@ class Architecture:
     class_name: str
     qk_norm: bool = False  # per-head RMSNorm on q and k (Qwen3): acts on head_dim, unaffected by head pruning
     moe: MoeLayout | None = None
+    # The RMSNorm feeding the MLP. Llama-likes: post_attention_layernorm; Gemma 3's "sandwich" layers normalise
+    # the attention output with post_attention_layernorm (before the residual add) and the MLP input with
+    # pre_feedforward_layernorm (and its output with post_feedforward_layernorm).
+    mlp_norm: str = "post_attention_layernorm"
+    # Gemma's RMSNorm computes (1 + weight) * x / rms(x) (weights stored around 0); Llama's weight * x / rms(x).
+    norm_offset: float = 0.0
+    # transformers' config validation (Gemma3TextConfig) wants hidden_size % num_attention_heads == 0 even
+    # though head_dim is explicit and free: a pruned head count must keep that.
+    heads_divide_hidden: bool = False
+    # Why moefy cannot turn this family into an MoE architecture vLLM and transformers serve, or None.
+    no_moe_target: str | None = None
 
 
 def _qwen_moe(shared_width_field: str | None = None) -> MoeLayout:
@@ -56,6 +67,12 @@ ARCHITECTURES: dict[str, Architecture] = {a.model_type: a for a in [
         width_field="intermediate_size")),
     Architecture("qwen2_moe", "Qwen2MoeForCausalLM", moe=_qwen_moe("shared_expert_intermediate_size")),
     Architecture("qwen3_moe", "Qwen3MoeForCausalLM", qk_norm=True, moe=_qwen_moe()),
+    Architecture("gemma3_text", "Gemma3ForCausalLM", qk_norm=True, mlp_norm="pre_feedforward_layernorm",
+                 norm_offset=1.0, heads_divide_hidden=True, no_moe_target=(
+                     "Gemma 3 has no MoE counterpart that vLLM and transformers serve: Mixtral and Qwen-MoE lack "
+                     "its sandwich norms, (1 + weight) RMSNorms, scaled embeddings and sliding/global layers, "
+                     "and Gemma 4's MoE normalises the attention values (v_norm), which changes every layer's "
+                     "function; prune FFN channels instead")),
 ]}
 
 
@@ -127,6 +144,36 @@ class Adapter:
         """Qwen2-MoE's always-on expert (a dense MLP), or None."""
         return getattr(layer.mlp, "shared_expert", None)
 
+    @torch.no_grad()
+    def divide_norm(self, norm: Any, s: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """Divide an RMSNorm's output by s [dim]; returns the divisor its weight, as stored in `dtype`,
+        realises, by which the caller scales the Linears that read the norm (the function stays exact).
+
+        Llama-likes: weight / s (returns s). Gemma's norms compute (1 + weight) x / rms(x), so 1 + weight'
+        = (1 + weight) / s, and a gain shrunk towards 0 leaves weight' near -1, where bf16 keeps an absolute
+        precision of 2^-9: a large relative error of a small gain (0.8 % of a norm-and-Linear output at a
+        20-fold shrink). The stored weight' is what the model computes with, so the divisor returned is
+        (1 + weight) / (1 + weight'), with 1 + weight' formed as Gemma forms it (float32). A channel whose gain would
+        round to 0 keeps its weight (divisor 1)."""
+        w, offset = norm.weight, self.arch.norm_offset
+        if not offset:
+            norm.weight.data = (w.float() / s).to(w.dtype)
+            return s
+        gain = offset + w.float()
+        stored = (gain / s - offset).to(dtype or w.dtype)
+        new = offset + stored.float()
+        dead = new == 0
+        norm.weight.data = torch.where(dead, w, stored.to(w.dtype))
+        return torch.where(dead, torch.ones_like(gain), gain / torch.where(dead, 1.0, new))
+
+    def layer_kind(self, config: PretrainedConfig, index: int) -> str | None:
+        """'sliding' or 'full' for models that mix sliding-window and global attention layers (Gemma 3,
+        sliding-window Qwen2/3), None when every layer attends alike."""
+        types = getattr(config, "layer_types", None) or []
+        if len(set(types)) < 2:
+            return None
+        return "sliding" if types[index] == "sliding_attention" else "full"
+
     def is_moe_layer(self, config: PretrainedConfig, index: int) -> bool:
         """Whether decoder layer `index` has a sparse MoE block (Qwen-MoE can mix in dense layers)."""
         moe = self.arch.moe
@@ -177,6 +224,11 @@ class Adapter:
         """The config after head pruning (head_dim is pinned explicitly so it cannot be re-derived). A Qwen2
         model whose head count no longer gives hidden_size / heads = head_dim becomes a Llama model (see
         `qwen2_as_llama`)."""
+        if self.arch.heads_divide_hidden and config.hidden_size % heads:
+            raise ValueError(f"{config.model_type}: transformers' config class requires hidden_size "
+                             f"({config.hidden_size}) to be a multiple of num_attention_heads ({heads} after "
+                             "pruning), although head_dim is explicit: keep a KV-head count whose query heads "
+                             "divide it")
         new = copy.deepcopy(config)
         new.head_dim = self.shape(config).head_dim
         new.num_attention_heads = heads

@@ -376,8 +376,10 @@ def _config(path: Path, info: GgufInfo, dtype: torch.dtype) -> tuple[Any, dict[s
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
     from .adapters import Adapter
+    from .gguf_arch import llama_cpp_config
 
     cfg = dict(load_gguf_checkpoint(str(path), return_tensors=False)["config"])  # (its tokenizer part: later)
+    cfg = llama_cpp_config(path, info.architecture, cfg)  # what llama.cpp fixes in code (Gemma 3's layers)
     config = AutoConfig.for_model(**cfg)
     config.architectures = [_causal_lm_class(config.model_type)]
     config.dtype = str(dtype).removeprefix("torch.")

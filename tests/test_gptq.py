@@ -91,6 +91,7 @@ def test_restored_layer_is_bit_for_bit_the_quantized_one(tiny, case):
     ("qwen3", {"method": "rtn", "bits": 8, "group_size": 64}),
     ("mixtral", gptq(bits=4, group_size=32)),
     ("qwen3_moe", gptq(bits=4, group_size=64)),
+    ("gemma3", gptq(bits=4, group_size=32, gptaq=True)),
 ])
 def test_export_perplexity_is_the_in_memory_one(tiny_tok, tmp_path, arch, stage):
     src = tiny_tok(arch)

@@ -93,6 +93,8 @@ CASES = [
      {"intermediate_size": 48, "multiple_of": 16, "criterion": "magnitude"}),
     ("qwen3_moe-mha", "qwen3_moe", {"gqa": False}, {"ratio": 0.5, "criterion": "magnitude"},
      {"ratio": 0.5, "multiple_of": 16, "criterion": "activation"}),
+    ("gemma3", "gemma3", {}, {"kv_heads": 1, "criterion": "activation"},  # GeGLU, q/k norms, head_dim 64
+     {"intermediate_size": 128, "criterion": "taylor"}),
 ]
 CASE_IDS = [c[0] for c in CASES]
 
@@ -191,7 +193,7 @@ def test_validate_prints_the_exported_parameter_count(pruned, tmp_path, case_id)
     assert f"{params:,}" in out
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "qwen2_moe", "qwen3", "mixtral"])
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2_moe", "qwen3", "mixtral", "gemma3"])
 def test_head_surgery_in_memory_equals_masking(arch):
     """The surgery itself, on architectures whose exports the plan refuses (Qwen2 biases) or accepts."""
     model = build_model(arch)
@@ -207,7 +209,7 @@ def test_head_surgery_in_memory_equals_masking(arch):
     with torch.no_grad():
         for i, layer in enumerate(model.model.layers):
             pruner.edit(layer, kept[str(i)])
-    assert model.model.layers[0].self_attn.q_proj.weight.shape == (64, 128)
+    assert model.model.layers[0].self_attn.q_proj.weight.shape == (2 * adapter.shape(model.config).head_dim, 128)
     x = torch.randint(0, 512, (2, 16), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(model(x).logits, reference(x).logits, rtol=0, atol=1e-5)

@@ -77,6 +77,7 @@ def test_awq_search_is_never_worse_than_no_scaling_and_wins_on_loud_channels(duo
     ("llama", {"gqa": False}, {"qkv", "o", "gate_up", "down"}),  # no GQA: v -> o is folded too
     ("qwen2", {}, {"qkv", "gate_up", "down"}),  # q/k/v biases
     ("qwen3", {}, {"qkv", "gate_up", "down"}),  # per-head q/k norms after the projections
+    ("gemma3", {"gqa": False}, {"qkv", "o", "gate_up", "down"}),  # (1 + weight) norms, pre/post sandwich norms
 ])
 def test_awq_folding_leaves_the_unquantized_logits_unchanged(tiny_tok, tmp_path, arch, model_kw, maps):
     src = tiny_tok(arch, **model_kw)

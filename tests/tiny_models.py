@@ -1,7 +1,7 @@
 """Tiny random models of every supported architecture, built from transformers config classes.
 
-head_dim is 32 so vLLM's CPU attention can serve them; sizes are small enough that building and saving
-one takes well under a second."""
+head_dim is 32 (64 for Gemma 3, whose head_dim is independent of hidden / heads) so vLLM's CPU attention
+can serve them; sizes are small enough that building and saving one takes well under a second."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 import yaml
 from transformers import (
     AutoModelForCausalLM,
+    Gemma3TextConfig,
     LlamaConfig,
     MistralConfig,
     MixtralConfig,
@@ -26,10 +27,11 @@ COMMON = dict(vocab_size=512, hidden_size=128, num_hidden_layers=4, num_attentio
               max_position_embeddings=256, rms_norm_eps=1e-6)
 
 
-def config_for(arch: str, *, gqa: bool = True, tied: bool = False, layers: int = 4, **overrides):
-    """A tiny config of `arch`; gqa: 2 KV heads for 4 query heads (else multi-head), tied embeddings;
-    `overrides` replace config fields (e.g. intermediate_size)."""
-    config = _config(arch, gqa, tied, layers)
+def config_for(arch: str, *, gqa: bool = True, tied: bool | None = None, layers: int = 4, **overrides):
+    """A tiny config of `arch`; gqa: 2 KV heads for 4 query heads (else multi-head), tied embeddings
+    (default: untied, except Gemma 3, which always ties them); `overrides` replace config fields (e.g.
+    intermediate_size)."""
+    config = _config(arch, gqa, arch == "gemma3" if tied is None else tied, layers)
     for k, v in overrides.items():
         setattr(config, k, v)
     return config
@@ -55,10 +57,18 @@ def _config(arch: str, gqa: bool, tied: bool, layers: int):
     if arch == "qwen3_moe":
         return Qwen3MoeConfig(**kw, **moe, intermediate_size=256, moe_intermediate_size=64, num_experts=4,
                               decoder_sparse_step=2)
+    if arch == "gemma3":
+        # head_dim 64 with 4 heads of a 128-wide model: 256-wide attention, so nothing may derive head_dim from
+        # hidden / heads; alternating sliding (window 16, shorter than the 64-token calibration windows) and
+        # full layers, each kind with its own rotary base; 1/sqrt(query_pre_attn_scalar) != 1/sqrt(head_dim).
+        return Gemma3TextConfig(**{**kw, "head_dim": 64}, intermediate_size=256, sliding_window=16,
+                                layer_types=[GEMMA3_KINDS[i % 2] for i in range(layers)], query_pre_attn_scalar=48,
+                                bos_token_id=1, eos_token_id=2)  # add_tokenizer's ids (Gemma's own are 2 and 1)
     raise ValueError(arch)
 
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"]
+GEMMA3_KINDS = ("sliding_attention", "full_attention")
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3"]
 
 
 def build_model(arch: str, seed: int = 0, **kw):
@@ -69,6 +79,11 @@ def build_model(arch: str, seed: int = 0, **kw):
             for layer in model.model.layers:
                 for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
                     proj.bias.normal_(0, 0.5)
+    if arch == "gemma3":  # Gemma initialises its (1 + weight) norms at weight 0: make them matter (folds, merges)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("norm.weight"):
+                    p.normal_(0, 0.3)
     return model
 
 

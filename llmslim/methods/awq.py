@@ -6,8 +6,12 @@ cost of the quiet ones. The division of x by s is folded into whatever produces 
 architecture and, unquantized, its function (tested: logits equal within float rounding):
 - input_layernorm -> q, k, v      (the norm's weight / s)
 - v_proj -> o_proj                (v's rows and bias / s; only when v's width equals o's input, i.e. no GQA)
-- post_attention_layernorm -> gate, up
+- post_attention_layernorm -> gate, up   (Gemma 3: pre_feedforward_layernorm, the MLP's input norm)
 - up_proj -> down_proj            (up's rows and bias / s; act(gate x) * (up x) is linear in up x)
+Gemma's norms compute (1 + weight) x / rms(x): there 1 + weight becomes (1 + weight) / s, and the Linears take
+the divisor the stored (16-bit) weight realises, so the fold stays exact where a gain shrinks. Its post-norms
+(post_attention_layernorm, post_feedforward_layernorm) act on o_proj's and down_proj's outputs, while the
+scales act on their inputs, so they are untouched (Architecture.mlp_norm, Adapter.divide_norm).
 
 The scale of each mapping is searched on calibration inputs of the layer: s = mean|x|^a / mean|W~|^(1-a)
 (`duo_scaling`; W~ is |W| normalised per quantization group, as AutoAWQ) or mean|x|^a, normalised to
@@ -37,6 +41,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..adapters import Adapter
 from ..faults import crash_point
 from ..layerstore import done_layers, layer_file, load_layer, save_layer, write_export
 from ..layerwise import forward_layer, walk
@@ -118,26 +123,27 @@ class Mapping:
     linears: tuple[str, ...]
 
 
-def mappings(layer: nn.Module) -> list[Mapping]:
+def mappings(layer: nn.Module, adapter: Adapter) -> list[Mapping]:
     out = [Mapping("qkv", "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))]
     v, o = layer.get_submodule("self_attn.v_proj"), layer.get_submodule("self_attn.o_proj")
     if v.out_features == o.in_features:  # type: ignore[operator]  # GQA: one v channel feeds several o inputs
         out.append(Mapping("o", "self_attn.v_proj", ("self_attn.o_proj",)))
-    out.append(Mapping("gate_up", "post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj")))
+    out.append(Mapping("gate_up", adapter.arch.mlp_norm, ("mlp.gate_proj", "mlp.up_proj")))
     out.append(Mapping("down", "mlp.up_proj", ("mlp.down_proj",)))
     return out
 
 
 @torch.no_grad()
-def fold(layer: nn.Module, m: Mapping, s: Tensor) -> None:
-    """Scale the mapping's Linears' input columns by s and divide what produces their input by s."""
+def fold(layer: nn.Module, m: Mapping, s: Tensor, adapter: Adapter, dtype: torch.dtype | None = None) -> None:
+    """Scale the mapping's Linears' input columns by s and divide what produces their input by s (`dtype`: the
+    one the layer is stored in, which Gemma's norm fold needs: Adapter.divide_norm)."""
     prev: Any = layer.get_submodule(m.previous)
     if isinstance(prev, nn.Linear):
         prev.weight.data = (prev.weight.float() / s[:, None]).to(prev.weight.dtype)
         if prev.bias is not None:
             prev.bias.data = (prev.bias.float() / s).to(prev.bias.dtype)
-    else:  # RMSNorm: y = weight * normalised(x)
-        prev.weight.data = (prev.weight.float() / s).to(prev.weight.dtype)
+    else:  # RMSNorm: y = weight * normalised(x), or (1 + weight) * normalised(x) (Gemma)
+        s = adapter.divide_norm(prev, s, dtype)
     for name in m.linears:
         lin: Any = layer.get_submodule(name)
         lin.weight.data = (lin.weight.float() * s).to(lin.weight.dtype)
@@ -162,13 +168,13 @@ class _Inputs:
             h.remove()
 
 
-def scale_layer(layer: nn.Module, inputs: Any, cfg: AwqConfig, gen: torch.Generator,
-                prefix: str = "") -> dict[str, Any]:
+def scale_layer(layer: nn.Module, inputs: Any, cfg: AwqConfig, gen: torch.Generator, adapter: Adapter,
+                prefix: str = "", dtype: torch.dtype | None = None) -> dict[str, Any]:
     """Search and fold every mapping's scale in one decoder layer (`prefix`: its name in the model, for
     `ignore`); returns the layer's notes."""
     notes: dict[str, Any] = {}
     maps = []
-    for m in mappings(layer):
+    for m in mappings(layer, adapter):
         # the plan refuses ignoring part of a mapping (q/k/v, gate/up share one input): one name decides
         if any(matches(prefix + m.linears[0], p) for p in cfg.ignore):
             notes[m.name] = {"alpha": None, "error": 0.0, "error_unscaled": 0.0, "ignored": True}
@@ -190,7 +196,7 @@ def scale_layer(layer: nn.Module, inputs: Any, cfg: AwqConfig, gen: torch.Genera
         found = search_scale(x, W, grid_quantizer(cfg, gs), grid=cfg.grid, duo_scaling=cfg.duo_scaling, group_size=gs)
         del x, W
         if found.alpha is not None:
-            fold(layer, m, found.scale.to(next(layer.parameters()).device))
+            fold(layer, m, found.scale.to(next(layer.parameters()).device), adapter, dtype)
         notes[m.name] = {"alpha": found.alpha, "error": float(f"{found.error:.6g}"),
                          "error_unscaled": float(f"{found.error_unscaled:.6g}")}
     return notes
@@ -249,7 +255,8 @@ def run(ctx: StageContext, cfg: AwqConfig) -> StageResult:
                 saved = {k[len(prefix):]: v for k, v in adapter.from_disk(tensors).items()}
                 layer.load_state_dict({k: saved[k].to(v.dtype) for k, v in layer.state_dict().items()})
             else:
-                notes = scale_layer(layer, step.inputs, cfg, torch.Generator().manual_seed(ctx.seed + i), prefix)
+                notes = scale_layer(layer, step.inputs, cfg, torch.Generator().manual_seed(ctx.seed + i), adapter,
+                                    prefix, ctx.dtype)
                 for p in layer.parameters():  # what the file holds, so a resumed run continues from the same values
                     p.data = p.data.to(ctx.dtype).to(p.dtype)
                 save_layer(file, adapter.to_disk({prefix + k: v.to(ctx.dtype) for k, v in layer.state_dict().items()}),

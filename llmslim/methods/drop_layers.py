@@ -9,10 +9,13 @@ one decoder layer at a time:
 - last: the `count` layers just before the final one (which Gromov et al. find essential), no data.
 - random: `count` layers drawn with the recipe's seed (never the final one), the baseline for the others.
 The surgery itself streams: kept layers are copied tensor by tensor and renumbered, never loaded as modules.
+Models that mix sliding-window and global attention layers (Gemma 3) keep each kept layer's kind
+(`layer_types`); the notes and the log say which kind each dropped layer was.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -22,6 +25,9 @@ from ..layerwise import run_layer, walk
 from ..plan import PlanError, PlanState
 from ..stage import StageContext, StageResult
 from .configs.drop_layers import DropLayersConfig
+
+log = logging.getLogger(__name__)
+
 
 # ---------------------------------------------------------------- pure cores: scores -> layers
 
@@ -93,6 +99,10 @@ def run(ctx: StageContext, cfg: DropLayersConfig) -> StageResult:
     drop, notes = choose_layers(ctx, cfg, n)
     keep = [i for i in range(n) if i not in drop]
     config = src.adapter.with_layers(src.config, keep)
+    kinds = {str(i): src.adapter.layer_kind(src.config, i) for i in drop}
+    if any(kinds.values()):  # sliding-window and global layers (Gemma 3): say which kind went
+        notes = {**notes, "dropped_kinds": kinds}
+        log.info("%s: dropping %s", ctx.stage.label, ", ".join(f"layer {i} ({k} attention)" for i, k in kinds.items()))
     writer = ctx.writer()
     writer.add(src.read([k for k in src.names if layer_of(k) is None], ctx.dtype))
     with ctx.progress.track(f"{ctx.stage.label}: writing kept layers", len(keep)) as task:

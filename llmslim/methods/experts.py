@@ -42,8 +42,10 @@ log = logging.getLogger(__name__)
 def _need_moe(state: PlanState, method: str, field: str) -> Any:
     moe = state.adapter.arch.moe
     if moe is None:
+        hint = "moefy turns a dense model into MoE" if state.adapter.arch.no_moe_target is None else \
+            "moefy cannot convert this family"
         raise PlanError(field, f"{method} needs an MoE model (Mixtral, Qwen2-MoE, Qwen3-MoE); this model is "
-                               f"'{state.config.model_type}', which is dense (moefy turns a dense model into MoE)")
+                               f"'{state.config.model_type}', which is dense ({hint})")
     return moe
 
 

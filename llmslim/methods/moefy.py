@@ -65,6 +65,9 @@ _COMMON = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_head
 def target_config(config: PretrainedConfig, cfg: MoefyConfig) -> PretrainedConfig:
     """The MoE config a dense config becomes; ValueError(field, why) names what does not fit."""
     kind = config.model_type
+    refused = Adapter.for_config(config).arch.no_moe_target
+    if refused:
+        raise PlanError("method", refused)
     width = config.intermediate_size
     if cfg.shared >= width:
         raise PlanError("shared", f"shared {cfg.shared} must be less than the FFN width {width}")

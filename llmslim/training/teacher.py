@@ -59,11 +59,11 @@ class Teacher:
                     h.remove()
             return logits, dict(store)
         inputs = capture_inputs(self.lazy, tokens.cpu(), batch_size=tokens.shape[0], device=self.device)
-        hidden, kwargs = inputs.hidden[0], inputs.kwargs[0]
+        hidden = inputs.hidden[0]
         outputs: dict[int, Tensor] = {}
         for i in range(len(self.lazy.layers)):
             layer = self.lazy.materialize(i).to(self.device)
-            hidden = layer_output(layer(hidden, **kwargs))
+            hidden = layer_output(layer(hidden, **inputs.for_layer(i).kwargs[0]))  # sliding or global (Gemma 3)
             self.lazy.release(i)
             if i in self.layers_wanted:
                 outputs[i] = hidden
