@@ -42,7 +42,8 @@ def _relative_files(ckpt: Checkpoint) -> set[str]:
     return {"model.safetensors"}
 
 
-def _link_or_copy(src: Path, dst: Path) -> None:
+def link_or_copy(src: Path, dst: Path) -> None:
+    """`dst` as a hard link to `src` where the filesystem allows, else a copy."""
     try:
         os.link(src, dst)  # same filesystem: no second copy of multi-GB shards
     except OSError:
@@ -56,8 +57,9 @@ def write_weights(ckpt: Checkpoint, dst: Path, dtype: torch.dtype, max_shard_byt
     quantized = getattr(ckpt.config, "quantization_config", None) is not None
     if quantized or ckpt.dtype == dtype:
         for f in weight_files(ckpt):
-            _link_or_copy(f, dst / f.name)
+            link_or_copy(f, dst / f.name)
         shutil.copy2(ckpt.path / "config.json", dst / "config.json")
+        _copy_lora_adapter(ckpt.path, dst)
         return
     writer = CheckpointWriter(dst, max_shard_bytes=max_shard_bytes)
     writer.add(ckpt.read([n for n in ckpt.names if layer_of(n) is None], dtype))
@@ -66,6 +68,17 @@ def write_weights(ckpt: Checkpoint, dst: Path, dtype: torch.dtype, max_shard_byt
     config = ckpt.config
     config.dtype = dtype
     writer.close(config)
+
+
+def _copy_lora_adapter(src: Path, dst: Path) -> None:
+    """A LoRA adapter folder beside the weights (eora's) travels with them."""
+    from .formats.lora import adapter_dir
+
+    folder = adapter_dir(src)
+    if folder is not None:
+        (dst / folder.name).mkdir(exist_ok=True)
+        for f in folder.iterdir():
+            link_or_copy(f, dst / folder.name / f.name)
 
 
 def verify_shapes(model_dir: Path, *, allow_extra: bool = False) -> int:

@@ -262,7 +262,27 @@ def _stage_record(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def resume_point(recipe: Recipe, state: dict[str, Any], work: Workspace, hashes: list[str]) -> int:
+def unquantized_inputs(recipe: Recipe, states: list[PlanState]) -> dict[int, int]:
+    """For each stage that works on a quantized model (Method.follows_quantization): the index of the stage whose
+    checkpoint holds the weights before quantization (the quantizing stage's input; -1: the source model). The
+    runner keeps that checkpoint until those stages are done."""
+    out: dict[int, int] = {}
+    quantizer = None
+    for stage in recipe.stages:
+        if quantizer is None and states[stage.index + 1].quant is not None:
+            quantizer = stage.index
+        elif quantizer is not None and METHODS[stage.method].follows_quantization:
+            out[stage.index] = quantizer - 1
+    return out
+
+
+def _kept_dirs(recipe: Recipe, work: Workspace, kept: dict[int, int], after: int) -> set[Path]:
+    """The checkpoints that stages after `after` still need besides their input (see unquantized_inputs)."""
+    return {work.stage_dir(j, recipe.stages[j].method) for i, j in kept.items() if i > after and j >= 0}
+
+
+def resume_point(recipe: Recipe, state: dict[str, Any], work: Workspace, hashes: list[str],
+                 kept: dict[int, int] | None = None) -> int:
     """The index of the last stage whose checkpoint can be continued from (-1: the source model). Adopts a
     checkpoint that was renamed into place just before a kill, drops records whose checkpoint is gone
     (their stages run again), and removes stale stage directories."""
@@ -282,6 +302,7 @@ def resume_point(recipe: Recipe, state: dict[str, Any], work: Workspace, hashes:
         log.warning("%s: its checkpoint is missing; it runs again", recipe.stages[i].label)
     state["stages"] = [records[i] for i in sorted(records) if i <= last]
     keep = {work.stage_dir(last, recipe.stages[last].method).name} if last >= 0 else set()
+    keep |= {p.name for p in _kept_dirs(recipe, work, kept or {}, last)}
     if last + 1 < len(recipe.stages):
         nxt = work.stage_dir(last + 1, recipe.stages[last + 1].method)
         keep.add(nxt.name + ".scratch")  # per-layer progress of the next stage (checked by _scratch_for)
@@ -359,7 +380,8 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
     state["recipe"] = recipe.as_dict()
     if units := completed_units(work):
         log.info("resuming %s: done in earlier runs: %s", work.output, ", ".join(units))
-    last = resume_point(recipe, state, work, hashes)
+    kept = unquantized_inputs(recipe, states)
+    last = resume_point(recipe, state, work, hashes, kept)
     work.save_state(state)
     launch.announce(work, [s.index for s in recipe.stages if s.index > last and METHODS[s.method].trains])
 
@@ -388,9 +410,14 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
         scratch = _scratch_for(final.with_name(final.name + ".scratch"), hashes[stage.index])
+        unquantized = None
+        if stage.index in kept:
+            j = kept[stage.index]
+            unquantized = source if j < 0 else Checkpoint(work.stage_dir(j, recipe.stages[j].method))
         ctx = StageContext(recipe, stage, current, tmp, scratch, dtype, device,
                            data, progress, states[stage.index], states[stage.index + 1],
-                           _shard_bytes(recipe), cdt, original=source, history=list(state["stages"]))
+                           _shard_bytes(recipe), cdt, original=source, history=list(state["stages"]),
+                           unquantized=unquantized)
         if METHODS[stage.method].trains:
             launch.barrier()  # the other processes of an `accelerate launch` train this stage with us
         log.info("%s: starting", stage.label)
@@ -421,8 +448,12 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
         crash_point("stage.recorded")
         if ctx.scratch_dir.exists():
             shutil.rmtree(ctx.scratch_dir)
-        if current.path != source.path and current.path.parent == final.parent:
+        still_needed = _kept_dirs(recipe, work, kept, stage.index)
+        if current.path != source.path and current.path.parent == final.parent and current.path not in still_needed:
             shutil.rmtree(current.path)  # the previous stage's checkpoint is no longer needed for resume
+        for path in _kept_dirs(recipe, work, kept, stage.index - 1) - still_needed - {current.path}:
+            if path.is_dir():  # the weights before quantization, kept for this stage: done with them
+                shutil.rmtree(path)
         current = Checkpoint(final)
         log.info("%s: done in %.1f s", stage.label, seconds)
 

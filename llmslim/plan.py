@@ -50,6 +50,7 @@ class PlanState:
     source_dir: Path | None = None  # the recipe's model directory (e.g. to compare a teacher's tokenizer)
     awq_grid: Grid | None = None  # the grid an awq stage searched its scales on (the next quantizer must match)
     original: PretrainedConfig | None = None  # the recipe's model before the first stage (the default teacher)
+    lora_rank: int | None = None  # an eora stage wrote a LoRA adapter beside the quantized weights: its largest rank
 
     def with_config(self, config: PretrainedConfig) -> PlanState:
         """This state with a new config (and the adapter of its architecture, which a stage may change)."""
@@ -114,9 +115,9 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
     quantized_at = None
     for stage in recipe.stages:
         method = METHODS[stage.method]
-        if quantized_at is not None:
+        if quantized_at is not None and not method.follows_quantization:
             problems.append(f"{recipe.where(('stages', stage.index))}: stages[{stage.index}]: nothing can follow "
-                            f"the quantization in stages[{quantized_at}]; put quantization last")
+                            f"the quantization in stages[{quantized_at}] but eora; put quantization last")
             break
         try:
             state = method.planner()(state, stage.config)
@@ -124,8 +125,8 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
             path = ("stages", stage.index, e.field)
             problems.append(f"{recipe.where(path)}: stages[{stage.index}].{e.field}: {e}")
             break
-        if state.quant is not None:  # this stage wrote quantized weights (qat with base nf4 does not)
-            quantized_at = stage.index
+        if state.quant is not None and quantized_at is None:  # this stage wrote quantized weights (qat with
+            quantized_at = stage.index  # base nf4 does not)
         states.append(state)
         rows.append(PlanRow(f"{stage.index}: {stage.method}", state.shape, *state.size()))
     limitation = state.quant.vllm_limitation(torch.cuda.is_available()) if state.quant is not None else None

@@ -29,6 +29,7 @@ from .methods.configs.awq import AwqConfig
 from .methods.configs.base import MethodConfig
 from .methods.configs.distill import DistillConfig
 from .methods.configs.drop_layers import DropLayersConfig
+from .methods.configs.eora import EoraConfig
 from .methods.configs.experts import PruneExpertsConfig, SetTopkConfig
 from .methods.configs.gptq import GptqConfig, RtnConfig
 from .methods.configs.moefy import MoefyConfig
@@ -53,6 +54,9 @@ class Method:
     """The plan function, "module:function" (see `planner`)."""
     changes_shape: bool = False
     trains: bool = False
+    follows_quantization: bool = False
+    """It works on a quantized model: the plan lets it follow the quantizing stage, and the runner keeps that
+    stage's input checkpoint (the weights before quantization) for it (`StageContext.unquantized`)."""
     planned_for: str = ""
     """For reserved names: the release that brings them."""
 
@@ -117,3 +121,4 @@ register(Method("awq", AwqConfig, *_impl("awq")))
 register(Method("autoround", AutoRoundConfig, *_impl("autoround")))
 register(Method("gptq", GptqConfig, *_impl("gptq")))
 register(Method("rtn", RtnConfig, *_impl("gptq")))
+register(Method("eora", EoraConfig, *_impl("eora"), follows_quantization=True))

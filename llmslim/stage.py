@@ -49,6 +49,7 @@ class StageContext:
     max_shard_bytes: int = 2 * 10**9
     compute_dtype: torch.dtype | None = None  # layers and activations in memory; None: `dtype`
     original: Checkpoint | None = None  # the recipe's model as loaded before the first stage (a teacher)
+    unquantized: Checkpoint | None = None  # the input of the quantizing stage (Method.follows_quantization)
     history: list[dict[str, Any]] = field(default_factory=list)  # records of the stages before this one
     is_main_process: bool = True  # False on the other processes of `accelerate launch`: they write nothing
 
