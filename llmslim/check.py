@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from . import cpu
 from .cpu import NEAR_TIE, VLLM_CPU_HEAD_DIMS, VllmRun, export_kind, vllm_cpu_run, vllm_gpu_run
 from .errors import UserError
+from .formats.lora import adapter_dir, max_rank
 from .loading import load_tokenizer
 
 log = logging.getLogger(__name__)
@@ -166,9 +167,18 @@ def _quantized_modules(model_dir: str | Path) -> set[str]:
 
 
 def transformers_model(model_dir: str | Path) -> torch.nn.Module:
-    """The export in transformers (float32); W8A8 exports get vLLM's dynamic per-token int8 activation
+    """The export in transformers (float32), with its LoRA adapter (eora/) applied by peft; W8A8 exports get vLLM's dynamic per-token int8 activation
     quantization emulated so both sides compute the same thing."""
-    model = load_for_check(model_dir)
+    lora = adapter_dir(model_dir)
+    if lora is None:
+        model = load_for_check(model_dir)
+    else:  # eora's adapter, applied by peft over the dequantized base, as users of transformers would
+        from peft import PeftModel
+        from transformers import CompressedTensorsConfig
+
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,  # dense Linears for peft
+                                                    quantization_config=CompressedTensorsConfig(run_compressed=False))
+        model = PeftModel.from_pretrained(base.eval(), str(lora)).eval()
     q = _quantization(model_dir)
     if q is not None and _weight_bits(q)[1] == 8:
         from .formats.compressed import emulate_activation_quant
@@ -213,7 +223,7 @@ def check_exports(model_dirs: list[str | Path], backend: str = "vllm",
                   references: list[torch.nn.Module | None] | None = None) -> list[CheckResult]:
     """Check several exports; vLLM loads them one after another in a single child process.
 
-    transformers: each loads and generates, its tokenizer fits it, and (with a reference, the model before
+    transformers: each loads and generates (with its LoRA adapter, eora/, applied by peft), its tokenizer fits it, and (with a reference, the model before
     export) it gives the same greedy tokens as that model. vllm: additionally vLLM serves it, in the dtype
     this machine's kernels need (llmslim.cpu), with transformers' greedy tokens: exactly where vLLM runs in
     float32, up to near-ties (llmslim.cpu's NEAR_TIE*) where it must run in 16 bits. Results say what failed; nothing is
@@ -257,8 +267,10 @@ def check_exports(model_dirs: list[str | Path], backend: str = "vllm",
                                        "transformers")
             continue
         plan = vllm_run_for(d)
+        lora = adapter_dir(d)
         jobs.append(dict(model=str(d), dtype=plan.dtype, prompts=prompts, max_tokens=MAX_NEW_TOKENS,
-                         max_model_len=_max_len(d, prompts), generate=plan.generates))
+                         max_model_len=_max_len(d, prompts), generate=plan.generates,
+                         **({"lora": str(lora), "max_lora_rank": max_rank(lora)} if lora is not None else {})))
         waiting.append((k, hf, plan, None if plan.exact else model))  # near-ties are judged on it later
         del model
     for job, (k, hf, plan, kept), res in zip(jobs, waiting, run_vllm_jobs(jobs) if jobs else []):

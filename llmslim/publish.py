@@ -27,6 +27,7 @@ from .checkpoint import Checkpoint, LazyModel, copy_side_files, parse_size
 from .data import DataHub
 from .errors import UserError
 from .export import verify_shapes, weight_bytes, write_weights
+from .formats.lora import adapter_dir, merge_into
 from .faults import crash_point
 from .gguf import source_record
 from .ownership import REPORT, audit, is_entry, record_files
@@ -134,6 +135,9 @@ def export_and_report(recipe: Recipe, work: Workspace, src_dir: Path, source: Ch
         # In float32, as the check loads transformers' side: dense weights as written (in `dtype`), upcast;
         # quantized weights (their files are linked unchanged) decoded in float32 as transformers decodes them.
         reference = (LazyModel(final, torch.float32) if quantized else LazyModel(final, dtype)).materialize_all().float()
+        lora = adapter_dir(final.path)
+        if lora is not None:  # eora: the corrections added by our own code, to compare with peft's application
+            merge_into(reference, lora)
         with progress.track(f"checking export ({spec.export.check})", None):
             try:
                 done["check"] = check_export(tmp, spec.export.check, reference=reference).as_dict()

@@ -19,15 +19,23 @@ def run_job(job: dict) -> dict:
     from vllm.inputs import TokensPrompt
 
     started = time.perf_counter()
+    lora: dict = {}
+    request = None
+    if job.get("lora"):  # a LoRA adapter (eora) served over the base, as `--enable-lora --lora-modules` does
+        from vllm.lora.request import LoRARequest
+
+        lora = dict(enable_lora=True, max_lora_rank=job["max_lora_rank"], max_loras=1)
+        request = LoRARequest("eora", 1, job["lora"])
     llm = LLM(model=job["model"], dtype=job.get("dtype", "auto"), skip_tokenizer_init=True,
               gpu_memory_utilization=job.get("gpu_memory_utilization", 0.3), enforce_eager=True,
               max_model_len=job["max_model_len"], max_num_seqs=max(8, len(job["prompts"])), seed=0,
-              distributed_executor_backend="uni")  # one process: see check.run_vllm_jobs
+              distributed_executor_backend="uni", **lora)  # one process: see check.run_vllm_jobs
     result: dict = {"load_seconds": time.perf_counter() - started, "loaded": True}
     if job.get("generate", True):
         params = SamplingParams(temperature=0.0, max_tokens=job["max_tokens"], ignore_eos=True, detokenize=False)
         try:
-            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params, use_tqdm=False)
+            outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in job["prompts"]], params, use_tqdm=False,
+                                lora_request=request)
             result["tokens"] = [list(o.outputs[0].token_ids) for o in outs]
         except Exception as e:  # e.g. a kernel this CPU build lacks: reported, not fatal to other jobs
             result["generate_error"] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

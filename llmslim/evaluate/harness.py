@@ -118,14 +118,19 @@ def perplexity_dtype(dtype: str | torch.dtype, gpu: bool) -> str | torch.dtype:
 
 
 def load_for_perplexity(model_dir: Path, dtype: str | torch.dtype) -> tuple[Any, str | None]:
-    """The model in transformers on the best device, and the activation quantization applied (W8A8)."""
+    """The model in transformers on the best device, with an eora adapter merged into its weights, and the
+    activation quantization applied (W8A8)."""
     from transformers import AutoModelForCausalLM
 
     from ..check import _quantization, _weight_bits
+    from ..formats.lora import adapter_dir, merge_into
 
     gpu = gpu_available()
     torch_dtype: Any = perplexity_dtype(dtype, gpu)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
+    lora = adapter_dir(model_dir)
+    if lora is not None:  # an eora export is measured with its corrections (what serving it with the adapter computes)
+        merge_into(model, lora)
     if gpu:
         model = model.to("cuda")
     q = _quantization(model_dir)
