@@ -27,8 +27,8 @@ from .checkpoint import Checkpoint, LazyModel, copy_side_files, parse_size
 from .data import DataHub
 from .errors import UserError
 from .export import verify_shapes, weight_bytes, write_weights
-from .formats.lora import adapter_dir, merge_into
 from .faults import crash_point
+from .formats.lora import adapter_dir, merge_into
 from .gguf import source_record
 from .ownership import REPORT, audit, is_entry, record_files
 from .plan import PlanState
