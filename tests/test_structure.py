@@ -145,6 +145,7 @@ EVERY_METHOD = {
     "qat": {"data": "calib", "steps": 1},
     "gptq": {"data": "calib"},
     "rtn": {},
+    "eora": {"data": "calib"},
 }
 
 
