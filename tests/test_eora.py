@@ -231,3 +231,20 @@ def test_killed_eora_resumes_mid_model_with_the_same_adapter(tmp_path):
     assert rb["stages"][1]["notes"]["layers_from_earlier_run"] == 2
     assert not list((tmp_path / "b" / "out.work" / "stages").glob("*-gptq"))  # kept only while eora needed it
     assert yaml.safe_load((tmp_path / "b" / "out" / "llmslim_recipe.yaml").read_text())["stages"][1]["method"] == "eora"
+
+
+def test_serve_and_the_model_card_serve_the_adapter(eora_run, monkeypatch, capsys):
+    from llmslim import cpu
+    from llmslim.card import build_card
+    from llmslim.cli import main
+
+    _, out, _ = eora_run
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(cpu, "detect", lambda: cpu.FAMILY_FEATURES["avx512"])
+    assert main(["serve", str(out), "--port", "9124", "--dry-run", "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert f"--enable-lora --lora-modules=eora={out}/eora --max-lora-rank=16" in printed, printed
+    card = build_card(out, "me/tiny-w4-eora")
+    assert "huggingface-cli download me/tiny-w4-eora --local-dir tiny-w4-eora" in card
+    assert "--enable-lora --lora-modules=eora=tiny-w4-eora/eora --max-lora-rank=16" in card
+    assert 'PeftModel.from_pretrained(base, "tiny-w4-eora/eora")' in card
