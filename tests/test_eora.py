@@ -248,3 +248,13 @@ def test_serve_and_the_model_card_serve_the_adapter(eora_run, monkeypatch, capsy
     assert "huggingface-cli download me/tiny-w4-eora --local-dir tiny-w4-eora" in card
     assert "--enable-lora --lora-modules=eora=tiny-w4-eora/eora --max-lora-rank=16" in card
     assert 'PeftModel.from_pretrained(base, "tiny-w4-eora/eora")' in card
+
+
+def test_vllm_serves_the_adapter_with_transformers_peft_greedy_tokens(eora_run):
+    """vLLM (--enable-lora, a LoRARequest; max_lora_rank 16 for the down_proj override) against transformers +
+    peft on the same prompts, judged as every export (llmslim.check)."""
+    from llmslim.check import check_exports
+
+    _, out, _ = eora_run
+    result = check_exports([out], "vllm")[0]
+    assert result.passed and result.generated, result.detail
