@@ -116,8 +116,8 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
     for stage in recipe.stages:
         method = METHODS[stage.method]
         if quantized_at is not None and not method.follows_quantization:
-            problems.append(f"{recipe.where(('stages', stage.index))}: stages[{stage.index}]: nothing can follow "
-                            f"the quantization in stages[{quantized_at}] but eora; put quantization last")
+            problems.append(f"{recipe.where(('stages', stage.index))}: stages[{stage.index}]: only eora can follow "
+                            f"the quantization in stages[{quantized_at}]; put quantization last")
             break
         try:
             state = method.planner()(state, stage.config)
