@@ -51,6 +51,7 @@ class PlanState:
     awq_grid: Grid | None = None  # the grid an awq stage searched its scales on (the next quantizer must match)
     original: PretrainedConfig | None = None  # the recipe's model before the first stage (the default teacher)
     lora_rank: int | None = None  # an eora stage wrote a LoRA adapter beside the quantized weights: its largest rank
+    sparsity: str | None = None  # a sparsity stage zeroed weights ("unstructured" or "N:M"): what follows keeps them
 
     def with_config(self, config: PretrainedConfig) -> PlanState:
         """This state with a new config (and the adapter of its architecture, which a stage may change)."""
@@ -112,9 +113,14 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
     rows = [PlanRow(label, state.shape, *state.size())]
     states = [state]
     problems = []
-    quantized_at = None
+    quantized_at = sparse_at = None
     for stage in recipe.stages:
         method = METHODS[stage.method]
+        if sparse_at is not None and (method.trains or method.changes_shape):
+            what = "training moves the zeroed weights" if method.trains else "it changes the shapes the mask was chosen on"
+            problems.append(f"{recipe.where(('stages', stage.index))}: stages[{stage.index}]: {stage.method} cannot "
+                            f"follow the sparsity stage in stages[{sparse_at}] ({what}); put it before")
+            break
         if quantized_at is not None and not method.follows_quantization:
             problems.append(f"{recipe.where(('stages', stage.index))}: stages[{stage.index}]: only eora can follow "
                             f"the quantization in stages[{quantized_at}]; put quantization last")
@@ -125,6 +131,8 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
             path = ("stages", stage.index, e.field)
             problems.append(f"{recipe.where(path)}: stages[{stage.index}].{e.field}: {e}")
             break
+        if state.sparsity is not None and sparse_at is None:
+            sparse_at = stage.index
         if state.quant is not None and quantized_at is None:  # this stage wrote quantized weights (qat with
             quantized_at = stage.index  # base nf4 does not)
         states.append(state)

@@ -36,6 +36,7 @@ from .methods.configs.moefy import MoefyConfig
 from .methods.configs.prune_ffn import PruneFfnConfig
 from .methods.configs.prune_heads import PruneHeadsConfig
 from .methods.configs.qat import QatConfig
+from .methods.configs.sparsity import SparseGptConfig, WandaConfig
 
 if TYPE_CHECKING:
     from .plan import PlanState
@@ -121,4 +122,6 @@ register(Method("awq", AwqConfig, *_impl("awq")))
 register(Method("autoround", AutoRoundConfig, *_impl("autoround")))
 register(Method("gptq", GptqConfig, *_impl("gptq")))
 register(Method("rtn", RtnConfig, *_impl("gptq")))
+register(Method("sparsegpt", SparseGptConfig, *_impl("sparsity")))
+register(Method("wanda", WandaConfig, *_impl("sparsity")))
 register(Method("eora", EoraConfig, *_impl("eora"), follows_quantization=True))
