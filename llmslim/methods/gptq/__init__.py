@@ -244,7 +244,8 @@ def run(ctx: StageContext, cfg: QuantFields, learn: Callable[..., Any] | None = 
             hessians = collect_hessians(layer, targets[i], inputs, ctx.device, cfg.expert_min_tokens, ref)
             if asymmetric:
                 reference[0] = hessians.reference_outputs
-        result = quantize_layer(layer, i, adapter, targets[i], cfg, fmt, hessians, ctx.dtype, solved)
+        result = quantize_layer(layer, i, adapter, targets[i], cfg, fmt, hessians, ctx.dtype, solved,
+                                keep_zeros=ctx.before.sparsity is not None)
         notes = {**result.notes, **learned, "seconds": round(time.perf_counter() - started, 3)}
         save_layer(layer_file(ctx.scratch_dir, i), result.tensors, notes)
         crash_point("gptq.layer")
@@ -308,6 +309,11 @@ def _notes(fmt: QuantFormat, cfg: QuantFields, layers: list[dict[str, Any]], res
             notes["experts_calibrated_on_all_tokens"] = starved
             log.warning("experts with fewer than %d routed calibration tokens were calibrated on all tokens: %s",
                         cfg.expert_min_tokens, starved)
+    counts = [d["zeros"] for d in layers if "zeros" in d]
+    if counts:  # after a sparsity stage: its zeros, counted in the quantized Linears before and after
+        before, kept, after, weights = (sum(c[k] for c in counts) for k in range(4))
+        notes.update(zeros_before=before, zeros_kept=kept, zeros_after=after,
+                     sparsity_measured=float(f"{after / weights:.6g}"))
     if resumed:
         notes["layers_from_earlier_run"] = resumed
     notes["layers"] = layers

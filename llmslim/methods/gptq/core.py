@@ -35,7 +35,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import torch
@@ -265,7 +265,8 @@ def _inverse_cholesky(H: Tensor, dampening: float) -> tuple[Tensor, float]:
 @torch.no_grad()
 def gptq_quantize(W: Tensor, H: Tensor, *, bits: int, group_size: int, symmetric: bool, act_order: bool,
                   dampening: float = 0.01, block_size: int = 128, static_groups: bool = False,
-                  scale_dtype: torch.dtype = torch.float32, observer: str = "minmax") -> QuantResult:
+                  scale_dtype: torch.dtype = torch.float32, observer: str = "minmax",
+                  fixed_zero: Tensor | None = None) -> QuantResult:
     """GPTQ-quantize W [out, in] given the Hessian H [in, in] of its inputs (2/n X^T X).
 
     - dampening: `dampening` x mean(diag H) is added to H's diagonal (more if H is not PD, see
@@ -284,6 +285,8 @@ def gptq_quantize(W: Tensor, H: Tensor, *, bits: int, group_size: int, symmetric
       rounding boundary (tests/test_gptq_core.py finds the integers identical for block sizes 1 to
       1000, in float32 and float64).
     - observer: how each group's range is chosen (`_observe`): minmax, or mse weighted by diag(H).
+    - fixed_zero [out, in] bool (a sparsity mask): those weights are quantized to the zero point (dequantized
+      exactly 0) whatever the updates brought them to, and their error is compensated like any rounding error.
     """
     out, n = _check_weight(W)
     if H.shape != (n, n):
@@ -329,6 +332,7 @@ def gptq_quantize(W: Tensor, H: Tensor, *, bits: int, group_size: int, symmetric
     group_of = (torch.arange(n) // gs).tolist() if lazy else (cols // gs).tolist()
 
     Wt = Wf.T.contiguous()  # [in, out]: row j is the j-th column visited, contiguous for the updates
+    Zt = None if fixed_zero is None else (fixed_zero[:, perm] if perm is not None else fixed_zero).T.contiguous()
     Qt = torch.empty_like(Wt)
     i1 = 0
     while i1 < n:
@@ -346,6 +350,8 @@ def gptq_quantize(W: Tensor, H: Tensor, *, bits: int, group_size: int, symmetric
             g = group_of[i1 + j]
             s, z, w = s_t[g], z_t[g], W1[j]
             q = _quant(w, s, z, qmin, qmax)
+            if Zt is not None:
+                q = torch.where(Zt[i1 + j], z, q)
             Qt[i1 + j] = q
             err = (w - (q - z) * s) / U1[j, j]
             W1[j + 1:].addr_(U1[j, j + 1:], err, alpha=-1)  # OBS update of the block's later columns
@@ -368,6 +374,16 @@ def gptq_quantize(W: Tensor, H: Tensor, *, bits: int, group_size: int, symmetric
     loss = float(((dW @ H_in) * dW).sum())
     return QuantResult(q=q, scale=scale, zero=zero8, g_idx=g_idx, weight=weight, loss=loss,
                        damp_used=float(damp_used))
+
+
+def hold_zeros(res: QuantResult, zeros: Tensor, group_size: int) -> QuantResult:
+    """`res` with the weights marked in `zeros` [out, in] (a sparsity mask) on their group's zero point, so that
+    they dequantize to exactly 0 on symmetric and asymmetric grids alike (zero points are integers)."""
+    n = res.q.shape[1]
+    g = res.g_idx.long() if res.g_idx is not None else torch.arange(n, device=res.q.device) // group_size
+    q = torch.where(zeros, res.zero[:, g], res.q)
+    weight = dequantize_groups(q, res.scale, res.zero, res.g_idx, group_size, res.weight.dtype)
+    return replace(res, q=q, weight=weight)
 
 
 def asymmetric_target(W: Tensor, H: Tensor, C: Tensor, dampening: float = 0.01) -> Tensor:

@@ -32,6 +32,7 @@ from .core import (
     asymmetric_target,
     dequantize_groups,
     gptq_quantize,
+    hold_zeros,
     rtn_quantize,
 )
 from .format import QuantFormat, Target, disk_name, expert_names
@@ -211,10 +212,12 @@ def collect_hessians(layer: nn.Module, targets: list[Target], inputs: LayerInput
 
 
 def quantize_matrix(W: Tensor, H: Tensor | None, cfg: QuantFields, fmt: QuantFormat,
-                    scale_dtype: torch.dtype, C: Tensor | None = None) -> QuantResult:
+                    scale_dtype: torch.dtype, C: Tensor | None = None, fixed_zero: Tensor | None = None
+                    ) -> QuantResult:
     """gptq (with H) or rtn (H None) of W [out, in] on the format's grid, with scales in `scale_dtype` (the
     checkpoint's dtype): the dequantized weight is then exactly what a loader computes, held in W's dtype.
-    C (gptaq): GPTQ starts from `asymmetric_target(W, H, C)` instead of W."""
+    C (gptaq): GPTQ starts from `asymmetric_target(W, H, C)` instead of W. fixed_zero [out, in] (a sparsity
+    mask): those weights come out exactly 0, GPTQ compensating them as rounding errors (`gptq_quantize`)."""
     gs = fmt.group_for(W.shape[1])
     assert gs is not None
     if H is None:
@@ -225,7 +228,7 @@ def quantize_matrix(W: Tensor, H: Tensor | None, cfg: QuantFields, fmt: QuantFor
         W = asymmetric_target(W, H, C, cfg.dampening)
     return gptq_quantize(W, H, bits=fmt.bits, group_size=gs, symmetric=fmt.symmetric, act_order=cfg.act_order,
                          dampening=cfg.dampening, block_size=cfg.block_size, static_groups=True,
-                         scale_dtype=scale_dtype, observer=cfg.observer)
+                         scale_dtype=scale_dtype, observer=cfg.observer, fixed_zero=fixed_zero)
 
 
 def _rows(res: QuantResult, lo: int, hi: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -243,11 +246,13 @@ class LayerResult:
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, index: int, adapter: Adapter, targets: list[Target], cfg: QuantFields,
                    fmt: QuantFormat, hessians: LayerHessians | None, dtype: torch.dtype,
-                   solved: dict[tuple[str, ...], QuantResult] | None = None) -> LayerResult:
+                   solved: dict[tuple[str, ...], QuantResult] | None = None, keep_zeros: bool = False
+                   ) -> LayerResult:
     """Quantize every target of decoder layer `index` in place (weights replaced by their dequantized
     values, so the layer computes what the export will) and encode the layer for the checkpoint, in
     `dtype` (the layer itself may be held in a wider compute dtype). `solved`: the results of dense
-    target groups already quantized elsewhere (autoround), only encoded here."""
+    target groups already quantized elsewhere (autoround), only encoded here. keep_zeros (after a sparsity
+    stage): the dense Linears' zero weights stay exactly zero, counted before and after in the notes."""
     prefix = f"model.layers.{index}."
     act_order = bool(getattr(cfg, "act_order", False))
     out: dict[str, Tensor] = {}
@@ -285,9 +290,18 @@ def quantize_layer(layer: nn.Module, index: int, adapter: Adapter, targets: list
         lins: list[Any] = [layer.get_submodule(n) for n in t.names]
         W = torch.cat([lin.weight.data for lin in lins])  # rows stacked: one matrix per shared input
         cross = hessians.cross.get(t.names) if hessians is not None else None
+        zeros = W == 0 if keep_zeros else None
         res = solved[t.names] if solved is not None else quantize_matrix(
             W, hessians.linear[t.names].H if hessians is not None else None, cfg, fmt, dtype,
-            cross.C if cross is not None else None)
+            cross.C if cross is not None else None, zeros)
+        if zeros is not None:  # rtn and learned rounding keep them too (gptq already has)
+            gs = fmt.group_for(W.shape[1])
+            res = hold_zeros(res, zeros, W.shape[1] if gs in (None, -1) else gs)
+            counts = notes.setdefault("zeros", [0, 0, 0, 0])  # before, kept, after (rounding adds some), weights
+            counts[0] += int(zeros.sum())
+            counts[1] += int((res.weight[zeros] == 0).sum())
+            counts[2] += int((res.weight == 0).sum())
+            counts[3] += W.numel()
         scheme = scheme_for(fmt, W.shape[1], act_order)
         lo = 0
         for name, lin in zip(t.names, lins):
