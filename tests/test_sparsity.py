@@ -1,0 +1,253 @@
+"""sparsegpt and wanda: the cores against direct references (one-weight OBS update, Wanda's score by definition,
+N:M masks exact per group, SparseGPT's reconstruction error below magnitude pruning and Wanda's), tiny-model runs
+(the sparsity counted in the export, the zeros kept through gptq), the recipes refused before anything runs, and a
+run killed mid-stage that resumes to the same export."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from cli_runner import run_cli
+from safetensors.torch import load_file
+from test_pipeline import make_recipe
+from tiny_models import add_tokenizer, save_tiny
+
+from llmslim.methods.sparsity.core import (
+    magnitude_prune,
+    select_mask,
+    sparsegpt_prune,
+    wanda_prune,
+    wanda_scores,
+)
+
+
+def _problem(seed: int, out: int = 32, n_in: int = 64, tokens: int = 600) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor]:
+    """W [out, in], inputs X [tokens, in] with slightly correlated channels of scales 0.1..10 (in random order),
+    and H = 2XᵀX/n."""
+    g = torch.Generator().manual_seed(seed)
+    scales = torch.logspace(-1, 1, n_in, dtype=torch.float64)[torch.randperm(n_in, generator=g)]
+    x = torch.randn(tokens, n_in, generator=g, dtype=torch.float64) * scales
+    x = x @ (torch.eye(n_in, dtype=torch.float64) + 0.05 * torch.randn(n_in, n_in, generator=g, dtype=torch.float64))
+    w = torch.randn(out, n_in, generator=g, dtype=torch.float64)
+    return w, x, 2 * x.T @ x / tokens
+
+
+def _output_error(w: torch.Tensor, pruned: torch.Tensor, x: torch.Tensor) -> float:
+    return float(torch.linalg.norm((w - pruned) @ x.T))  # ||(W - Ŵ) Xᵀ||_F
+
+
+# ---------------------------------------------------------------- the pure cores
+
+
+@pytest.mark.parametrize("q", [0, 17])
+def test_sparsegpt_one_weight_is_the_closed_form_obs_update(q):
+    """Zeroing column q of every row, the columns before it fixed: w - w_q / [H_F⁻¹]_qq · [H_F⁻¹]_q,: over the
+    columns F = q.. still free (for q = 0, the whole H⁻¹: the textbook OBS update)."""
+    w, _, h = _problem(0)
+    mask = torch.zeros_like(w, dtype=torch.bool)
+    mask[:, q] = True
+    res = sparsegpt_prune(w, h, 0.0, mask=mask, dampening=0.0, block_size=8)
+    hinv = torch.linalg.inv(h[q:, q:])
+    want = w.clone()
+    want[:, q:] -= (w[:, q:q + 1] / hinv[0, 0]) * hinv[0:1, :]
+    torch.testing.assert_close(res.weight, want, rtol=1e-9, atol=1e-9)
+    assert torch.equal(res.mask, mask) and (res.weight[:, q] == 0).all()
+    # and the loss it reports is that of the closed form, w_q² / [H_F⁻¹]_qq summed over the rows
+    assert res.loss == pytest.approx(float((w[:, q] ** 2).sum() / hinv[0, 0]), rel=1e-8)
+
+
+@pytest.mark.parametrize("nm", [None, (2, 4), (4, 8)])
+def test_sparsegpt_reconstructs_better_than_magnitude_and_wanda(nm):
+    w, x, h = _problem(1)
+    sg = sparsegpt_prune(w, h, 0.5, nm, block_size=16, dampening=0.0)
+    wd = wanda_prune(w, h.diagonal(), 0.5, nm)
+    mg = magnitude_prune(w, 0.5, nm)
+    for res in (sg, wd, mg):
+        assert int(res.mask.sum()) == w.numel() // 2 and torch.equal(res.weight == 0, res.mask)
+    e_sg, e_wd, e_mg = (_output_error(w, r.weight, x) for r in (sg, wd, mg))
+    assert e_sg < 0.8 * e_wd and e_wd < e_mg, (e_sg, e_wd, e_mg)
+    assert sg.loss == pytest.approx(_output_error(w, sg.weight, x) ** 2 * 2 / x.shape[0], rel=1e-8)
+    # float32 weights give the same masks up to float rounding, and exact zeros
+    sg32 = sparsegpt_prune(w.float(), h.float(), 0.5, nm, block_size=16, dampening=0.0)
+    assert sg32.weight.dtype == torch.float32 and torch.equal(sg32.weight == 0, sg32.mask)
+    assert (sg32.mask != sg.mask).float().mean() < 0.02
+
+
+def test_wanda_scores_and_masks_by_definition():
+    w, x, h = _problem(2)
+    norms = (x ** 2).sum(0)  # ||X_j||²
+    scores = wanda_scores(w, norms)
+    torch.testing.assert_close(scores, w.abs() * x.norm(dim=0)[None, :])
+    res = wanda_prune(w, norms, 0.25)
+    for i in range(w.shape[0]):  # per output row, the 16 lowest of 64
+        lowest = set(torch.argsort(scores[i])[:16].tolist())
+        assert set(res.mask[i].nonzero().squeeze(1).tolist()) == lowest
+    # the diagonal of H ranks the same (a positive multiple of the squared norms)
+    assert torch.equal(wanda_prune(w, h.diagonal(), 0.25).mask, res.mask)
+    assert torch.equal(res.weight, w.masked_fill(res.mask, 0))
+
+
+@pytest.mark.parametrize("prune", ["sparsegpt", "wanda"])
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8), (1, 4)])
+def test_n_m_masks_are_exact_in_every_group(prune, nm):
+    w, _, h = _problem(3)
+    res = sparsegpt_prune(w, h, 0.0, nm, block_size=20) if prune == "sparsegpt" else wanda_prune(w, h.diagonal(), 0, nm)
+    n, m = nm
+    zeros = (res.weight == 0).reshape(w.shape[0], -1, m).sum(-1)
+    assert (zeros == n).all() and torch.equal(res.weight == 0, res.mask)
+    if prune == "wanda":  # the N lowest scores of each group
+        groups = wanda_scores(w, h.diagonal()).reshape(w.shape[0], -1, m)
+        kept = groups.masked_fill(res.mask.reshape(groups.shape), float("inf")).amin(-1)
+        dropped = groups.masked_fill(~res.mask.reshape(groups.shape), float("-inf")).amax(-1)
+        assert (dropped <= kept).all()
+
+
+def test_select_mask_and_cores_refuse_bad_input():
+    w, _, h = _problem(4, n_in=30)
+    with pytest.raises(ValueError, match="input width 30 is not divisible by 4"):
+        sparsegpt_prune(w, h, 0.5, (2, 4))
+    with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 1\)"):
+        wanda_prune(w, h.diagonal(), 1.0)
+    assert int(select_mask(torch.rand(3, 30), 0.0).sum()) == 0
+
+
+# ---------------------------------------------------------------- a tiny model
+
+
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _exported_linears(out: Path, suffixes: tuple[str, ...] = LINEARS) -> dict[str, torch.Tensor]:
+    """The decoder Linears' weights of an export, decompressed by our own reference decoder if quantized."""
+    from llmslim.formats.compressed import densify
+
+    tensors = {k: v for f in out.glob("*.safetensors") for k, v in load_file(f).items()}
+    qconfig = json.loads((out / "config.json").read_text()).get("quantization_config")
+    if qconfig:
+        tensors = densify(tensors, qconfig, torch.float32)
+    return {k: t for k, t in tensors.items()
+            if k.startswith("model.layers.") and k.endswith(".weight") and k[:-7].endswith(suffixes)}
+
+
+def _count_zeros(out: Path, suffixes: tuple[str, ...] = LINEARS) -> tuple[int, int]:
+    weights = _exported_linears(out, suffixes).values()
+    return sum(int((t == 0).sum()) for t in weights), sum(t.numel() for t in weights)
+
+
+@pytest.fixture(scope="module")
+def wanda_gptq_run(tmp_path_factory):
+    from llmslim.pipeline import run
+    from llmslim.recipe import parse_recipe
+
+    tmp = tmp_path_factory.mktemp("sparse")
+    src = save_tiny("llama", tmp / "model")
+    add_tokenizer(src)
+    stages = [{"method": "wanda", "data": "calib", "structure": "2:4"},
+              {"method": "gptq", "data": "calib", "bits": 4, "group_size": 32, "symmetric": False}]
+    report = run(parse_recipe(make_recipe(tmp, src, stages)))
+    return src, Path(report["output"]), report
+
+
+def test_wanda_then_gptq_keeps_every_zero_counted(wanda_gptq_run):
+    _, out, report = wanda_gptq_run
+    sparse, quant = report["stages"][0]["notes"], report["stages"][1]["notes"]
+    assert sparse["structure"] == "2:4" and sparse["sparsity_measured"] == 0.5 and sparse["linears_pruned"] == 28
+    # every zero of the sparsity stage is still exactly zero (rounding to the grid adds a few more)
+    assert quant["zeros_before"] == quant["zeros_kept"] == sparse["zeros"] <= quant["zeros_after"]
+    assert 0.5 <= quant["sparsity_measured"] < 0.52
+    config = json.loads((out / "config.json").read_text())
+    assert not config["quantization_config"].get("sparsity_config")  # empty: vLLM 0.32 refuses targets
+    # the export, decompressed: every group of 4 inputs of every Linear still has (at least) its 2 zeros
+    weights = _exported_linears(out)
+    assert len(weights) == 28
+    for w in weights.values():
+        assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2).all()
+    assert _count_zeros(out)[0] == quant["zeros_after"]
+    assert report["check"]["passed"], report["check"]
+
+
+def test_sparsegpt_exports_dense_with_the_measured_sparsity_in_report_and_card(tiny_tok, tmp_path):
+    from llmslim.card import build_card
+    from llmslim.pipeline import run
+    from llmslim.recipe import parse_recipe
+
+    src = tiny_tok("llama")
+    stages = [{"method": "sparsegpt", "data": "calib", "sparsity": [0.5, 0.6, 0.4, 0.3], "ignore": ["lm_head", "o_proj"],
+               "block_size": 32}]
+    report = run(parse_recipe(make_recipe(tmp_path, src, stages)))
+    out = Path(report["output"])
+    notes = report["stages"][0]["notes"]
+    zeros, total = _count_zeros(out, ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))
+    assert notes["zeros"] == zeros and notes["weights_pruned_linears"] == total
+    assert notes["sparsity_measured"] == pytest.approx(zeros / total, abs=1e-6)
+    assert notes["sparsity_measured"] == pytest.approx(0.45, abs=0.005)
+    assert [d["sparsity"] for d in notes["layers"]] == [0.5, 0.6, 0.4, 0.3]
+    o_zeros, _ = _count_zeros(out, ("o_proj",))
+    assert o_zeros == 0  # ignored
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config and "sparsity_config" not in json.dumps(config)
+    assert report["check"]["passed"], report["check"]
+    card = build_card(out, "me/tiny-sparse")
+    assert "sparsity_measured: 0.45" in card and "structure: unstructured" in card
+
+
+# ---------------------------------------------------------------- refused before anything runs
+
+
+@pytest.mark.parametrize("stages, kw, message", [
+    ([{"method": "wanda", "data": "calib", "structure": "2:4"}], {"intermediate_size": 170},
+     r"stages\[0\]\.structure: structure '2:4' needs input widths divisible by 4; mlp\.down_proj has 170"),
+    ([{"method": "sparsegpt", "data": "calib", "sparsity": 1.0}], {}, r"sparsity 1 is outside \[0, 1\)"),
+    ([{"method": "sparsegpt", "data": "calib", "sparsity": -0.1}], {}, r"sparsity -0.1 is outside \[0, 1\)"),
+    ([{"method": "wanda", "data": "calib", "structure": "4:4"}], {}, r"structure '4:4'.*needs 0 < N < M"),
+    ([{"method": "wanda", "data": "calib", "structure": "2-4"}], {}, r"structure '2-4': use unstructured or \"N:M\""),
+    ([{"method": "wanda", "data": "calib", "structure": "2:4", "sparsity": 0.6}], {},
+     r"structure '2:4' sets the sparsity to 2/4 = 0.5"),
+    ([{"method": "wanda", "data": "calib", "sparsity": [0.5, 0.5]}], {},
+     r"stages\[0\]\.sparsity: 2 per-layer sparsities for a model of 4 decoder layers"),
+    ([{"method": "wanda", "data": "calib"}, {"method": "distill", "data": "calib", "steps": 2}], {},
+     r"stages\[1\]: distill cannot follow the sparsity stage in stages\[0\] \(training moves"),
+    ([{"method": "wanda", "data": "calib"}, {"method": "prune_ffn", "data": "calib", "intermediate_size": 128}], {},
+     r"stages\[1\]: prune_ffn cannot follow the sparsity stage in stages\[0\] \(it changes the shapes"),
+])
+def test_bad_sparsity_recipes_are_refused_in_one_line(tiny_tok, tmp_path, stages, kw, message):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(make_recipe(tmp_path, tiny_tok("llama", **kw), stages))
+    rc, out = run_cli("validate", str(recipe))
+    lines = [line for line in out.splitlines() if line.strip()]
+    assert rc != 0 and len(lines) == 1 and re.search(message, lines[0]), out
+    assert not (tmp_path / "out.work").exists()
+
+
+# ---------------------------------------------------------------- killed mid-stage, resumed
+
+
+def test_killed_sparsegpt_resumes_mid_model_with_the_same_export(tmp_path):
+    src = save_tiny("llama", tmp_path / "model")
+    add_tokenizer(src)
+    stages = [{"method": "sparsegpt", "data": "calib", "structure": "4:8"}]
+    recipes = {}
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        recipes[name] = tmp_path / name / "r.yaml"
+        recipes[name].write_text(make_recipe(tmp_path / name, src, stages))
+    rc, log = run_cli("run", str(recipes["a"]), "--quiet")
+    assert rc == 0, log
+    rc, log = run_cli("run", str(recipes["b"]), "--quiet", env={"LLMSLIM_CRASH_AT": "sparsity.layer:2"})
+    assert rc != 0
+    scratch = tmp_path / "b" / "out.work" / "stages" / "00-sparsegpt.scratch"
+    assert len(list(scratch.glob("layer-*.safetensors"))) == 2
+    rc, log = run_cli("run", str(recipes["b"]), "--quiet")
+    assert rc == 0, log
+    assert "2 of 4 layers were pruned by an earlier run; continuing at layer 2" in log
+    a = {k: v for f in (tmp_path / "a" / "out").glob("*.safetensors") for k, v in load_file(f).items()}
+    b = {k: v for f in (tmp_path / "b" / "out").glob("*.safetensors") for k, v in load_file(f).items()}
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    rb = json.loads((tmp_path / "b" / "out" / "llmslim_report.json").read_text())
+    assert rb["stages"][0]["notes"]["layers_from_earlier_run"] == 2
+    assert rb["stages"][0]["notes"]["sparsity_measured"] == 0.5
