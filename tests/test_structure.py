@@ -146,6 +146,8 @@ EVERY_METHOD = {
     "gptq": {"data": "calib"},
     "rtn": {},
     "eora": {"data": "calib"},
+    "sparsegpt": {"data": "calib"},
+    "wanda": {"data": "calib", "structure": "2:4"},
 }
 
 
