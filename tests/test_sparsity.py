@@ -171,16 +171,24 @@ def test_wanda_then_gptq_keeps_every_zero_counted(wanda_gptq_run):
     assert report["check"]["passed"], report["check"]
 
 
-def test_sparsegpt_exports_dense_with_the_measured_sparsity_in_report_and_card(tiny_tok, tmp_path):
-    from llmslim.card import build_card
+@pytest.fixture(scope="module")
+def sparsegpt_run(tmp_path_factory):
     from llmslim.pipeline import run
     from llmslim.recipe import parse_recipe
 
-    src = tiny_tok("llama")
+    tmp = tmp_path_factory.mktemp("sparsegpt")
+    src = save_tiny("llama", tmp / "model")
+    add_tokenizer(src)
     stages = [{"method": "sparsegpt", "data": "calib", "sparsity": [0.5, 0.6, 0.4, 0.3], "ignore": ["lm_head", "o_proj"],
                "block_size": 32}]
-    report = run(parse_recipe(make_recipe(tmp_path, src, stages)))
-    out = Path(report["output"])
+    report = run(parse_recipe(make_recipe(tmp, src, stages)))
+    return Path(report["output"]), report
+
+
+def test_sparsegpt_exports_dense_with_the_measured_sparsity_in_report_and_card(sparsegpt_run):
+    from llmslim.card import build_card
+
+    out, report = sparsegpt_run
     notes = report["stages"][0]["notes"]
     zeros, total = _count_zeros(out, ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj", "down_proj"))
     assert notes["zeros"] == zeros and notes["weights_pruned_linears"] == total
@@ -194,6 +202,33 @@ def test_sparsegpt_exports_dense_with_the_measured_sparsity_in_report_and_card(t
     assert report["check"]["passed"], report["check"]
     card = build_card(out, "me/tiny-sparse")
     assert "sparsity_measured: 0.45" in card and "structure: unstructured" in card
+
+
+def test_vllm_serves_the_sparse_export_dense_with_transformers_greedy_tokens(sparsegpt_run):
+    """vLLM 0.32 loads the zeros-in-place export as the dense model it is (no sparsity_config), judged as every
+    export (llmslim.check: the same greedy tokens as transformers)."""
+    from llmslim.check import check_exports
+
+    out, _ = sparsegpt_run
+    result = check_exports([out], "vllm")[0]
+    assert result.passed and result.generated, result.detail
+
+
+def test_quantizers_hold_masked_weights_at_exactly_zero_on_asymmetric_grids():
+    """gptq with the mask as fixed zeros, and rtn + hold_zeros (what rtn and autoround get after a sparsity
+    stage): every masked weight dequantizes to 0; gptq's error feedback does not refill them."""
+    from llmslim.methods.gptq.core import gptq_quantize, hold_zeros, rtn_quantize
+
+    w, _, h = _problem(5)
+    pruned = wanda_prune(w.float(), h.diagonal(), 0.5, (2, 4))
+    grid = {"bits": 4, "group_size": 16, "symmetric": False}
+    free = gptq_quantize(pruned.weight, h.float(), act_order=True, static_groups=True, **grid)
+    assert (free.weight[pruned.mask] != 0).any()  # without the mask, the updates fill the zeros
+    held = gptq_quantize(pruned.weight, h.float(), act_order=True, static_groups=True, fixed_zero=pruned.mask, **grid)
+    assert (held.weight[pruned.mask] == 0).all()
+    assert torch.equal(hold_zeros(held, pruned.mask, 16).q, held.q)  # already on the zero points
+    rtn = hold_zeros(rtn_quantize(pruned.weight, **grid), pruned.mask, 16)
+    assert (rtn.weight[pruned.mask] == 0).all()
 
 
 # ---------------------------------------------------------------- refused before anything runs

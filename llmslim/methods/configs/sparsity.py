@@ -69,10 +69,10 @@ class SparsityFields(MethodConfig):
 
 class SparseGptConfig(SparsityFields):
     """SparseGPT (Frantar & Alistarh 2023): each Linear pruned column block by column block, the weights to
-    zero chosen by their OBS saliency w²/[H⁻¹]ᵢᵢ² and the error of each zeroed weight compensated on the
-    columns not yet visited through the inverse Hessian of the layer's real inputs (H = 2XᵀX), as GPTQ
-    compensates rounding. Decoder layer by decoder layer, as gptq: each layer is calibrated on what the
-    pruned layers before it produce. The export is dense, with the zeros in place."""
+    zero chosen by their OBS cost w²/[H⁻¹]ᵢᵢ (the inverse over the columns not yet visited) and the error of
+    each zeroed weight compensated on those columns through the inverse Hessian of the layer's real inputs
+    (H = 2XᵀX), as GPTQ compensates rounding. Decoder layer by decoder layer, as gptq: each layer is
+    calibrated on what the pruned layers before it produce. The export is dense, with the zeros in place."""
 
     dampening: float = Field(default=0.01, ge=0, lt=1)
     """Added to the Hessian's diagonal, as a fraction of its mean (raised x10 if H is still singular)."""
