@@ -60,19 +60,12 @@ def vocab_problem(draft_config: dict[str, Any], target_config: dict[str, Any], d
     return None
 
 
-def local_config(model: str) -> dict[str, Any]:
-    """config.json of a model directory or, for a Hub id, the Hub's copy (see serve.model_config)."""
-    from .serve import model_config
-
-    return model_config(model)
-
-
-def check_pair(draft: str, target: str, *, flag: str = "--draft") -> None:
-    """UserError (one line, starting with `flag`) when `draft` cannot serve as a draft for `target`. Local
-    directories get the tokenizer check too; Hub ids the config check (their tokenizer comes with them)."""
-    dc, tc = local_config(draft), local_config(target)
+def check_pair(draft: str, target: str, draft_config: dict[str, Any], target_config: dict[str, Any], *,
+               flag: str = "--draft") -> None:
+    """UserError (one line, starting with `flag`) when `draft` cannot serve as a draft for `target` (their
+    config.json given). Local directories get the tokenizer check too; Hub ids the config check."""
     d, t = Path(draft), Path(target)
-    problem = vocab_problem(dc, tc, d if d.is_dir() else None, t if t.is_dir() else None)
+    problem = vocab_problem(draft_config, target_config, d if d.is_dir() else None, t if t.is_dir() else None)
     if problem:
         raise UserError(f"{flag} {draft}: not a draft for {target}: {problem}")
 

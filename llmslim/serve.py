@@ -384,8 +384,8 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_model_le
 
         k = DEFAULT_SPEC_TOKENS if spec_tokens is None else spec_tokens
         speculative_config(draft, k)  # --spec-tokens refused in one line
-        check_pair(draft, model)
         spec = (draft, model_config(draft), k)
+        check_pair(draft, model, spec[1], model_config(model))
     elif spec_tokens is not None:
         raise UserError("--spec-tokens: only with --draft (the draft model that proposes the tokens)")
     plan = serve_plan(model_config(model), gpu=gpu, features=features, max_model_len=max_model_len,

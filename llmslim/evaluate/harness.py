@@ -36,12 +36,11 @@ from ..progress import Progress
 from ..report import versions
 from .size import model_size
 from .tasks import TaskPlan
-from .throughput import BACKENDS, ThroughputSettings, benchmark, gpu_available
+from .throughput import BACKENDS, SPEC_BACKEND, ThroughputSettings, benchmark, gpu_available
 
 log = logging.getLogger(__name__)
 
 DEFAULT_SEQ_LEN = 2048
-SPEC_BACKEND = "vllm+draft"  # the throughput entry of vLLM with speculative decoding (`--draft`)
 
 
 @dataclass(frozen=True)
@@ -316,8 +315,9 @@ def _speculative(req: EvalRequest, paths: list[Path]) -> dict[str, Any] | None:
                         "add --throughput (or --backend vllm)")
     draft = resolve_model(req.draft)
     spec = speculative_config(str(draft), req.spec_tokens)
+    draft_config = json.loads((draft / "config.json").read_text())
     for path in paths:
-        check_pair(str(draft), str(path))
+        check_pair(str(draft), str(path), draft_config, json.loads((path / "config.json").read_text()))
     return spec
 
 

@@ -201,7 +201,7 @@ class _Table:
 def _speculative_lines(models: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
     """The speculative-decoding summary: per model and batch size, vLLM's tokens/s without and with the draft
     and vLLM's acceptance counters of the runs with it."""
-    from .harness import SPEC_BACKEND
+    from .throughput import SPEC_BACKEND
 
     measured = [m for m in models if ((m.get("throughput") or {}).get(SPEC_BACKEND) or {}).get("ok")]
     if not measured:

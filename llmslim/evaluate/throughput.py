@@ -60,6 +60,7 @@ from .worker import PROGRESS_PREFIX
 log = logging.getLogger(__name__)
 
 BACKENDS = ("vllm", "transformers")
+SPEC_BACKEND = "vllm+draft"  # the report's entry of vLLM with speculative decoding (`llmslim eval --draft`)
 
 
 @dataclass(frozen=True)
