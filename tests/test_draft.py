@@ -128,6 +128,17 @@ def test_serve_refuses_a_mismatched_draft_in_one_line(pair, tmp_path):
     assert "--speculative-config" not in out
 
 
+def test_eval_refuses_a_mismatched_draft_or_no_vllm_before_measuring(pair, tmp_path):
+    target, draft = pair
+    other = _mismatched(target, tmp_path)
+    for argv, message in ((["--draft", str(other), "--throughput"],
+                           f"--draft {other}: not a draft for {target}: the tokenizers encode"),
+                          (["--draft", str(draft)], f"--draft {draft}: speculative decoding is measured in vLLM's")):
+        rc, out = run_cli("eval", str(target), *argv, "--out", str(tmp_path / "eval"), "--quiet", timeout=300)
+        errors = [line for line in out.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(errors) == 1 and message in errors[0], out
+
+
 @pytest.mark.vllm
 def test_eval_measures_the_draft_and_greedy_tokens_do_not_change(pair, tmp_path):
     """One benchmark without and one with the draft (two vLLM starts): acceptance from vLLM's counters, and
