@@ -91,6 +91,8 @@ def test_vocab_problem_accepts_the_pair_and_names_what_differs(pair, tmp_path):
     assert vocab_problem(json.loads((draft / "config.json").read_text()), cfg, draft, target) is None
     problem = vocab_problem(cfg, cfg, _mismatched(target, tmp_path), target)
     assert problem and "first difference at token" in problem
+    small = {**cfg, "vocab_size": 300}  # fewer embedding rows than the tokenizer's tokens
+    assert "tokenizer has 359 tokens but its embeddings only 300 rows" in vocab_problem(small, small, target, target)
 
 
 def test_validation_accepts_a_draft_of_the_target(pair, tmp_path):
@@ -116,6 +118,14 @@ def test_serve_plan_carries_the_speculative_config(pair, monkeypatch, capsys):
     spec = {"method": "draft_model", "model": str(draft), "num_speculative_tokens": 3}
     assert f"--speculative-config={json.dumps(spec, separators=(',', ':'))}" in out.splitlines()[0]
     assert f"{draft} proposes 3 tokens per step" in out
+    from llmslim.serve import serve_plan
+
+    config = json.loads((target / "config.json").read_text())
+    plain, spec = (serve_plan(config, gpu=False, features=FAMILY_FEATURES["avx512"], draft=d)
+                   for d in (None, (str(draft), json.loads((draft / "config.json").read_text()), 3)))
+    kv = [next(n for n in p.notes if n.startswith("KV cache")) for p in (plain, spec)]  # "KV cache 1 GiB (...): N tokens"
+    tokens = [int(n.split(": ")[1].split()[0]) for n in kv]
+    assert abs(tokens[1] * 6 - tokens[0] * 4) < 6  # (floored) the draft's 2 layers share the cache with the target's 4
 
 
 def test_serve_refuses_a_mismatched_draft_in_one_line(pair, tmp_path):
