@@ -203,6 +203,17 @@ def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: 
     local = repo_id.split("/")[-1]
     commands = usage_commands(local if rank else repo_id, config, rank)
     lines += ["## Usage", ""]
+    target = report["export"].get("draft_for")
+    if target:  # a draft: what it is for matters more than serving it alone
+        from .draft import DEFAULT_SPEC_TOKENS, serve_command, speculative_args
+
+        lines += [f"This model is a draft for speculative decoding of `{target}`: it shares its tokenizer and "
+                  "vocabulary and proposes tokens that the target verifies, so what the target generates keeps its "
+                  "distribution (greedy: the same tokens). Serve the pair (vLLM's `draft_model` method):", "",
+                  "```bash", serve_command(target, repo_id), "```", "",
+                  f"or, with vLLM directly, serve `{target}` with "
+                  f"`{speculative_args(repo_id, DEFAULT_SPEC_TOKENS)[0]}`.", "",
+                  "On its own:", ""]
     if rank:  # eora: the corrections are a LoRA adapter in eora/, which vLLM reads from a local folder
         lines += [f"The quantized base comes with an EoRA adapter in `eora/` (rank {rank}): a low-rank correction of "
                   "the quantization error. Download the repository, then serve the base with the adapter; requests "

@@ -245,7 +245,8 @@ def cmd_eval(args: argparse.Namespace, console: Any, progress: Progress) -> int:
     req = EvalRequest(models=args.model, baseline=args.baseline, out=Path(args.out), ppl=args.ppl or [],
                       seq_len=args.seq_len, stride=args.stride, samples=args.samples, dtype=args.dtype,
                       backends=backends, throughput=tput, tasks=[t for x in args.tasks for t in x.split(",") if t],
-                      task_limit=args.task_limit, num_fewshot=args.num_fewshot)
+                      task_limit=args.task_limit, num_fewshot=args.num_fewshot, draft=args.draft,
+                      spec_tokens=args.spec_tokens)
     bars = getattr(progress, "bars", None)
     with bars if bars is not None else nullcontext():
         run_eval(req, progress)
@@ -282,7 +283,7 @@ def cmd_serve(args: argparse.Namespace, console: Any, progress: Progress) -> int
 
     return serve(args.model, host=args.host, port=args.port, max_model_len=args.max_model_len,
                  kv_cache_gib=args.kv_cache_gib, served_model_name=args.served_model_name, extra=args.extra,
-                 dry_run=args.dry_run, say=say)
+                 dry_run=args.dry_run, say=say, draft=args.draft, spec_tokens=args.spec_tokens)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -358,6 +359,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--repeats", type=int, default=3, help="timed runs per batch size (default 3)")
     g.add_argument("--warmup", type=int, default=1, help="untimed warm-up runs per batch size (default 1)")
     g.add_argument("--seed", type=int, default=0, help="seed of the random prompts")
+    g.add_argument("--draft", metavar="DRAFT", help="also measure vLLM with speculative decoding by this draft model "
+                   "(same tokenizer and vocabulary): tokens/s with and without it, acceptance rate, mean accepted "
+                   "length")
+    g.add_argument("--spec-tokens", type=int, default=4, metavar="K", help="tokens the draft proposes per step "
+                   "(default 4)")
     g = e.add_argument_group("downstream tasks (needs lm-eval installed)")
     g.add_argument("--tasks", action="append", default=[], metavar="TASK,TASK",
                    help="lm-evaluation-harness tasks: names (hellaswag, arc_easy) or paths of task YAML files "
@@ -398,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--kv-cache-gib", type=float, metavar="G", help="KV cache size in GiB (default on CPU: room for 4 "
                    "sequences of --max-model-len; on a GPU: vLLM's own sizing)")
     s.add_argument("--served-model-name", metavar="NAME", help="the `model` clients ask for (default: MODEL)")
+    s.add_argument("--draft", metavar="DRAFT", help="speculative decoding: a draft model (directory or Hub id) with "
+                   "MODEL's tokenizer and vocabulary proposes tokens that MODEL verifies")
+    s.add_argument("--spec-tokens", type=int, metavar="K", help="tokens the draft proposes per step (default 4)")
     s.add_argument("--dry-run", action="store_true", help="print the server command and exit")
     s.add_argument("--quiet", action="store_true")
     return p

@@ -140,6 +140,26 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
     limitation = state.quant.vllm_limitation(torch.cuda.is_available()) if state.quant is not None else None
     if not problems and limitation and recipe.spec.export.check == "vllm":
         problems.append(f"{recipe.where(('export', 'check'))}: export.check: vllm: {limitation}")
+    draft_for = getattr(getattr(recipe.spec, "export", None), "draft_for", None)
+    if not problems and draft_for:
+        problems += _draft_problems(recipe, draft_for, state)
     if problems:
         raise RecipeError(problems)
     return rows, states
+
+
+def _draft_problems(recipe: Any, target: str, state: PlanState) -> list[str]:
+    """`export.draft_for`: the export (the last state's vocabulary, the recipe model's tokenizer) must pair
+    with the target in vLLM's speculative decoding (llmslim.draft)."""
+    from .draft import vocab_problem
+    from .errors import UserError
+    from .loading import resolve_model
+
+    where = f"{recipe.where(('export', 'draft_for'))}: export.draft_for"
+    try:
+        target_dir = resolve_model(target, field="export.draft_for")
+    except UserError as e:
+        return [f"{recipe.where(('export', 'draft_for'))}: {e}"]
+    target_config = json.loads((target_dir / "config.json").read_text())
+    problem = vocab_problem(state.config.to_dict(), target_config, state.source_dir, target_dir)
+    return [f"{where}: {target}: {problem}"] if problem else []

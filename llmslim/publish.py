@@ -187,7 +187,8 @@ def export_and_report(recipe: Recipe, work: Workspace, src_dir: Path, source: Ch
         "source": source_record(src_dir),  # a GGUF's format and quantization, else None
         "recipe_hash": stage_hash, "recipe_full_hash": full_hash,
         "dtype": str(dtype).removeprefix("torch."),
-        "export": {"format": fmt, "files": []},  # recorded below, once every other file is written
+        "export": {"format": fmt, "files": [],  # recorded below, once every other file is written
+                   **({"draft_for": spec.export.draft_for} if spec.export.draft_for else {})},
         "plan": [{"label": r.label, **r.shape.__dict__, "params": r.params, "bytes": r.bytes} for r in rows],
         "stages": state["stages"],
         "size": {"before": {"params": before_size.params, "bytes": weight_bytes(src_dir)},

@@ -74,6 +74,10 @@ class ExportConfig(Strict):
     serve it in vLLM and require the same greedy tokens as transformers."""
     max_shard_size: str = "2GB"
     """Largest safetensors shard (e.g. 500MB, 5GB)."""
+    draft_for: str | None = None
+    """Declare the export a draft model for speculative decoding of this target (a local directory or Hub
+    id): validation refuses a recipe whose model does not share the target's vocabulary and tokenizer, and
+    the report and model card say how to serve the pair (`llmslim serve TARGET --draft OUTPUT`)."""
 
 
 class ThroughputConfig(Strict):
@@ -233,6 +237,8 @@ class Recipe:
         d = self.spec.model_dump(mode="json")
         if d["gguf_file"] is None:  # absent rather than null: recipes without it keep their hashes
             del d["gguf_file"]
+        if d["export"]["draft_for"] is None:  # likewise
+            del d["export"]["draft_for"]
         d["stages"] = [{"method": s.method, **s.config.model_dump(mode="json")} for s in self.stages]
         return d
 

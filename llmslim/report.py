@@ -58,6 +58,13 @@ def render_markdown(report: dict[str, Any]) -> str:
              f"Export: `{report['output']}` ({report['export']['format']}), recipe hash `{report['recipe_hash']}`.", ""]
     if report.get("source"):
         lines += [f"Source: {report['source']['description']}; {ROUNDING_NOTE}.", ""]
+    target = report["export"].get("draft_for")
+    if target:
+        from .draft import serve_command
+
+        lines += [f"A draft model for speculative decoding of `{target}` (same tokenizer and vocabulary); serve the "
+                  f"pair with `{serve_command(target, report['output'])}` and measure the speed-up with "
+                  f"`llmslim eval {target} --draft {report['output']} --throughput`.", ""]
     lines += ["## Stages", "", "| stage | seconds | params before | params after | bytes after | peak RSS | notes |",
               "|---|---:|---:|---:|---:|---:|---|"]
     for s in report["stages"]:

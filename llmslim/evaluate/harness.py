@@ -36,7 +36,7 @@ from ..progress import Progress
 from ..report import versions
 from .size import model_size
 from .tasks import TaskPlan
-from .throughput import BACKENDS, ThroughputSettings, benchmark, gpu_available
+from .throughput import BACKENDS, SPEC_BACKEND, ThroughputSettings, benchmark, gpu_available
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,8 @@ class EvalRequest:
     num_fewshot: int | None = None
     task_batch_size: int = 8
     command: str = ""
+    draft: str | None = None  # a draft model: vLLM throughput is also measured with speculative decoding
+    spec_tokens: int = 4
 
 
 def environment() -> dict[str, Any]:
@@ -191,8 +193,10 @@ def measure_model(model_dir: Path, *, name: str, role: str, ppl: list[PplJob], d
                   throughput: ThroughputSettings, tasks: list[str] | TaskPlan, progress: Progress,
                   log_dir: Path | None,
                   tokenizer: Any = None, task_limit: int | None = None, num_fewshot: int | None = None,
-                  task_batch_size: int = 8) -> dict[str, Any]:
-    """The report entry of one model: size, perplexity, throughput per backend, tasks."""
+                  task_batch_size: int = 8, speculative: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The report entry of one model: size, perplexity, throughput per backend, tasks. With `speculative`
+    (vLLM's speculative_config of a draft model) vLLM is measured a second time with the draft, as the
+    backend `vllm+draft` (SPEC_BACKEND)."""
     entry: dict[str, Any] = {"name": name, "path": str(model_dir), "role": role, "size": model_size(model_dir)}
     entry["perplexity"] = measure_perplexity(model_dir, ppl, dtype, progress, name, tokenizer)
     entry["throughput"] = {}
@@ -203,6 +207,10 @@ def measure_model(model_dir: Path, *, name: str, role: str, ppl: list[PplJob], d
             log_file = log_dir / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', name)}-{backend}.log"
         entry["throughput"][backend] = benchmark(model_dir, backend, throughput, progress, label=name,
                                                  log_file=log_file)
+        if backend == "vllm" and speculative is not None:
+            spec_log = log_file.with_name(log_file.stem + "-draft.log") if log_file else None
+            entry["throughput"][SPEC_BACKEND] = benchmark(model_dir, backend, throughput, progress, label=name,
+                                                          log_file=spec_log, speculative=speculative)
     entry["tasks"] = {}
     if tasks:
         from .tasks import resolve_tasks, run_tasks
@@ -231,7 +239,9 @@ def settings_dict(req: EvalRequest) -> dict[str, Any]:
     return {
         "perplexity": {"sources": list(req.ppl), "seq_len": req.seq_len, "stride": req.stride,
                        "samples": req.samples, "dtype": req.dtype} if req.ppl else None,
-        "throughput": {"backends": list(req.backends), **req.throughput.as_dict()} if req.backends else None,
+        "throughput": {"backends": list(req.backends), **req.throughput.as_dict(),
+                       **({"draft": req.draft, "num_speculative_tokens": req.spec_tokens} if req.draft else {})}
+        if req.backends else None,
         "tasks": {"names": list(req.tasks), "limit": req.task_limit, "num_fewshot": req.num_fewshot,
                   "batch_size": req.task_batch_size} if req.tasks else None,
     }
@@ -294,6 +304,23 @@ def _check_tokens(label: str, stream: torch.Tensor, req: EvalRequest, context: i
         raise UserError(f"--ppl {label}: the text has {stream.numel()} token(s); at least 2 are needed")
 
 
+def _speculative(req: EvalRequest, paths: list[Path]) -> dict[str, Any] | None:
+    """vLLM's speculative_config for `--draft`, after checking that it pairs with every model measured."""
+    from ..draft import check_pair, speculative_config
+
+    if req.draft is None:
+        return None
+    if "vllm" not in req.backends:
+        raise UserError(f"--draft {req.draft}: speculative decoding is measured in vLLM's throughput benchmark; "
+                        "add --throughput (or --backend vllm)")
+    draft = resolve_model(req.draft)
+    spec = speculative_config(str(draft), req.spec_tokens)
+    draft_config = json.loads((draft / "config.json").read_text())
+    for path in paths:
+        check_pair(str(draft), str(path), draft_config, json.loads((path / "config.json").read_text()))
+    return spec
+
+
 def run_eval(req: EvalRequest, progress: Progress | None = None) -> dict[str, Any]:
     """Evaluate the baseline (when given) and each model; write the outputs into `req.out`."""
     from .sources import load_source_text, parse_source
@@ -329,6 +356,7 @@ def run_eval(req: EvalRequest, progress: Progress | None = None) -> dict[str, An
         log.info("no --ppl, --throughput or --tasks given: measuring size only")
     specs = ([req.baseline] if req.baseline else []) + list(req.models)
     paths = [resolve_model(s) for s in specs]
+    speculative = _speculative(req, paths)
     # Everything that can fail fast does so before the first model loads: sources, tokenizers, the
     # windows each text yields, task names.
     sources = [parse_source(s) for s in req.ppl]
@@ -362,7 +390,8 @@ def run_eval(req: EvalRequest, progress: Progress | None = None) -> dict[str, An
         models.append(measure_model(path, name=name, role=role, ppl=jobs, dtype=req.dtype, backends=req.backends,
                                     throughput=req.throughput, tasks=plan or [], progress=progress,
                                     log_dir=req.out / "logs", tokenizer=tokenizer, task_limit=req.task_limit,
-                                    num_fewshot=req.num_fewshot, task_batch_size=req.task_batch_size))
+                                    num_fewshot=req.num_fewshot, task_batch_size=req.task_batch_size,
+                                    speculative=speculative))
     report = new_report(req.command or shlex.join(["llmslim", *sys.argv[1:]]), settings_dict(req), models)
     write_outputs(report, req.out)
     return report

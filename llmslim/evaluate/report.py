@@ -11,7 +11,8 @@ field bumps the version). Sizes are bytes, times seconds, rates per second.
       perplexity  {sources: [label], seq_len: int (requested; each result says what was used),
                    stride: int | null, samples: int | null, dtype: str} | null
       throughput  {backends: [str], batch_sizes: [int], prompt_len, gen_len, repeats, warmup, seed,
-                   dtype, gpu_memory_utilization, enforce_eager, timeout_s} | null
+                   dtype, gpu_memory_utilization, enforce_eager, timeout_s,
+                   draft, num_speculative_tokens (with `--draft` only)} | null
       tasks       {names: [str], limit, num_fewshot, batch_size} | null
     baseline      name of the baseline model | null
     models        [model], the baseline first
@@ -31,7 +32,12 @@ field bumps the version). Sizes are bytes, times seconds, rates per second.
                               prefill_tok_s, decode_tok_s, output_tok_s, requests_s, e2e_s:
                                   {median, min, max},
                               ttft_s, itl_s: {p50, p95, mean, count},
-                              peak_rss_bytes, peak_device_bytes}]}}   (see evaluate.throughput)
+                              peak_rss_bytes, peak_device_bytes,
+                              tokens_sha256: str | null (vLLM: hash of the generated ids of the timed runs),
+                              speculative: {drafts, draft_tokens, accepted_tokens, acceptance_rate,
+                                            mean_accepted_length} (vllm+draft only)}],
+                   speculative: vLLM's speculative_config (vllm+draft only)}}   (see evaluate.throughput;
+                   backend "vllm+draft": vLLM with the `--draft` model, see llmslim.draft)
       tasks       {task: {"metric,filter": number}}  (lm-evaluation-harness's names, e.g. "acc,none",
                    "acc_stderr,none")
       vs_baseline {key: model value / baseline value} | null, keys:
@@ -192,6 +198,38 @@ class _Table:
         self.lines.append("| " + " | ".join(cells) + " |")
 
 
+def _speculative_lines(models: list[dict[str, Any]], settings: dict[str, Any]) -> list[str]:
+    """The speculative-decoding summary: per model and batch size, vLLM's tokens/s without and with the draft
+    and vLLM's acceptance counters of the runs with it."""
+    from .throughput import SPEC_BACKEND
+
+    measured = [m for m in models if ((m.get("throughput") or {}).get(SPEC_BACKEND) or {}).get("ok")]
+    if not measured:
+        return []
+    lines = ["## Speculative decoding", "",
+             f"Draft `{settings.get('draft')}` proposing {settings.get('num_speculative_tokens')} tokens per step; "
+             "output tok/s (median) of vLLM without and with it. Acceptance rate: accepted / proposed draft tokens; "
+             "mean accepted length: tokens per target step (1 + accepted / drafts), from vLLM's spec-decode "
+             "counters over the timed runs. Same tokens: the greedy tokens generated with the draft equal those "
+             "without it on the same prompts (speculative decoding must not change them).", "",
+             "| model · batch | output tok/s without | output tok/s with | speed-up | acceptance rate | "
+             "mean accepted length | same tokens |", "|---|---:|---:|---:|---:|---:|---|"]
+    for m in measured:
+        plain, spec = m["throughput"].get("vllm") or {}, m["throughput"][SPEC_BACKEND]
+        for b in spec["batches"]:
+            p = next((x for x in plain.get("batches", []) if x["batch_size"] == b["batch_size"]), None) \
+                if plain.get("ok") else None
+            without, with_ = (p["output_tok_s"]["median"] if p else None), b["output_tok_s"]["median"]
+            acc = b.get("speculative") or {}
+            rate = acc.get("acceptance_rate")
+            same = "-" if not (p and p.get("tokens_sha256") and b.get("tokens_sha256")) else \
+                "yes" if p["tokens_sha256"] == b["tokens_sha256"] else "NO"
+            lines.append(f"| {m['name']} · B={b['batch_size']} | {_num(without)} | {_num(with_)} | "
+                         f"{_x(_ratio(with_, without))} | {'-' if rate is None else f'{rate:.1%}'} | "
+                         f"{_num(acc.get('mean_accepted_length'))} | {same} |")
+    return lines + [""]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """report.md: size, perplexity, throughput and task tables; ratios against the baseline."""
     models = report["models"]
@@ -286,6 +324,7 @@ def render_markdown(report: dict[str, Any]) -> str:
             if not x.get("ok"):
                 lines += [f"`{m['name']}` not measured with {backend}: {x.get('error')}", ""]
 
+    lines += _speculative_lines(models, report["settings"].get("throughput") or {})
     tasks = list(dict.fromkeys(k for m in models for k in (m.get("tasks") or {})))
     if tasks:
         t = _Table("task · metric", models, compare)

@@ -36,6 +36,7 @@ activations only, such as W8A8 on AMX CPUs, are started in bf16/fp16: see `vllm_
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import logging
 import os
@@ -59,6 +60,7 @@ from .worker import PROGRESS_PREFIX
 log = logging.getLogger(__name__)
 
 BACKENDS = ("vllm", "transformers")
+SPEC_BACKEND = "vllm+draft"  # the report's entry of vLLM with speculative decoding (`llmslim eval --draft`)
 
 
 @dataclass(frozen=True)
@@ -121,7 +123,8 @@ def vllm_dtype(model_dir: Path, requested: str) -> tuple[str, str | None]:
     return (plan.dtype if requested == "auto" else requested), None
 
 
-def cannot_run(model_dir: Path, backend: str, settings: ThroughputSettings, gpu: bool) -> str | None:
+def cannot_run(model_dir: Path, backend: str, settings: ThroughputSettings, gpu: bool,
+               draft: Path | None = None) -> str | None:
     """Why this backend cannot benchmark this model here (None when it can): checked up front, so a
     doomed engine start costs nothing."""
     cfg = text_config(_config(model_dir))
@@ -135,10 +138,14 @@ def cannot_run(model_dir: Path, backend: str, settings: ThroughputSettings, gpu:
     if not gpu and head_dim(cfg) not in VLLM_CPU_HEAD_DIMS:
         return (f"head_dim {head_dim(cfg)} is not supported by vLLM's CPU attention (supported: "
                 f"{', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); use --backend transformers or a GPU")
+    if draft is not None and not gpu and head_dim(_config(draft)) not in VLLM_CPU_HEAD_DIMS:
+        return (f"the draft's head_dim {head_dim(_config(draft))} is not supported by vLLM's CPU attention "
+                f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_DIMS))})")
     return vllm_dtype(model_dir, settings.dtype)[1]
 
 
-def make_job(model_dir: Path, backend: str, settings: ThroughputSettings, gpu: bool) -> dict[str, Any]:
+def make_job(model_dir: Path, backend: str, settings: ThroughputSettings, gpu: bool,
+             speculative: dict[str, Any] | None = None) -> dict[str, Any]:
     cfg = text_config(_config(model_dir))
     dtype = vllm_dtype(model_dir, settings.dtype)[0] if backend == "vllm" else settings.dtype
     return {
@@ -148,6 +155,7 @@ def make_job(model_dir: Path, backend: str, settings: ThroughputSettings, gpu: b
         "vocab_size": cfg["vocab_size"], "avoid_ids": special_ids(model_dir), "device": "cuda" if gpu else "cpu",
         "vllm": {"gpu_memory_utilization": settings.gpu_memory_utilization or (0.9 if gpu else 0.3),
                  "enforce_eager": (not gpu) if settings.enforce_eager is None else settings.enforce_eager},
+        "speculative": speculative,
     }
 
 
@@ -275,6 +283,14 @@ def summarize(raw: dict[str, Any], settings: ThroughputSettings) -> dict[str, An
         entry["output_tokens"] = sum(m["output_tokens"] for m in ms)
         entry["peak_rss_bytes"] = b["peak_rss_bytes"]
         entry["peak_device_bytes"] = b["peak_device_bytes"]
+        digests = [r.get("tokens_sha256") for r in b["runs"]]
+        entry["tokens_sha256"] = None if None in digests else hashlib.sha256("".join(digests).encode()).hexdigest()
+        specs = [r["spec"] for r in b["runs"] if r.get("spec")]
+        if specs:  # speculative decoding: the timed runs' spec-decode counters, summed
+            from ..draft import acceptance
+
+            entry["speculative"] = acceptance(*(sum(s[k] for s in specs)
+                                                for k in ("drafts", "draft_tokens", "accepted_tokens")))
         batches.append(entry)
     peaks = [b["peak_rss_bytes"] for b in raw["batches"]] + [raw["load_peak_rss_bytes"]]
     device_peaks = [p for p in [raw.get("load_peak_device_bytes")] + [b["peak_device_bytes"] for b in raw["batches"]]
@@ -289,21 +305,27 @@ def summarize(raw: dict[str, Any], settings: ThroughputSettings) -> dict[str, An
 
 
 def benchmark(model_dir: str | Path, backend: str, settings: ThroughputSettings, progress: Progress | None = None,
-              *, label: str | None = None, log_file: Path | None = None) -> dict[str, Any]:
+              *, label: str | None = None, log_file: Path | None = None,
+              speculative: dict[str, Any] | None = None) -> dict[str, Any]:
     """Benchmark one model with one backend; returns its report entry ({ok: false, error} when it cannot
-    run here or fails, so that one model's failure does not lose the others' results)."""
+    run here or fails, so that one model's failure does not lose the others' results). `speculative`:
+    vLLM's speculative_config (a draft model; llmslim.draft), whose acceptance each batch then reports."""
     if backend not in BACKENDS:
         raise UserError(f"--backend {backend}: unknown backend; choose from {', '.join(BACKENDS)}")
     d = Path(model_dir)
     gpu = gpu_available()
-    why = cannot_run(d, backend, settings, gpu)
+    draft = Path(speculative["model"]) if speculative else None
+    why = cannot_run(d, backend, settings, gpu, draft)
     if why:
         log.warning("%s: %s throughput skipped: %s", d, backend, why)
         return {"ok": False, "error": why}
     started = time.perf_counter()
-    raw = run_child(make_job(d, backend, settings, gpu), progress or Progress(),
-                    f"throughput {backend}: {label or d.name}", settings.timeout_s, log_file)
+    raw = run_child(make_job(d, backend, settings, gpu, speculative), progress or Progress(),
+                    f"throughput {backend}{' + draft' if speculative else ''}: {label or d.name}", settings.timeout_s,
+                    log_file)
     out = summarize(raw, settings)
+    if speculative and out["ok"]:
+        out["speculative"] = dict(speculative)
     if not out["ok"]:
         log.warning("%s: %s throughput failed: %s%s", d, backend, out["error"],
                     f" (log: {log_file})" if log_file else "")

@@ -15,6 +15,7 @@ pass and a device synchronisation in transformers).
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import os
 import sys
@@ -129,10 +130,27 @@ def _vllm_engine(job: dict) -> Any:
     from vllm import LLM
 
     v = job.get("vllm", {})
+    # with a draft model: vLLM's speculative decoding, and its statistics on (the spec-decode counters)
+    spec = dict(speculative_config=job["speculative"], disable_log_stats=False) if job.get("speculative") else {}
     return LLM(model=job["model"], dtype=job.get("dtype", "auto"), skip_tokenizer_init=True, seed=0,
                gpu_memory_utilization=v.get("gpu_memory_utilization", 0.3), enforce_eager=v.get("enforce_eager", True),
                max_model_len=job["prompt_len"] + job["gen_len"], max_num_seqs=max(job["batch_sizes"]),
-               enable_prefix_caching=False, trust_remote_code=job.get("trust_remote_code", False))
+               enable_prefix_caching=False, trust_remote_code=job.get("trust_remote_code", False), **spec)
+
+
+SPEC_COUNTERS = {"vllm:spec_decode_num_drafts": "drafts", "vllm:spec_decode_num_draft_tokens": "draft_tokens",
+                 "vllm:spec_decode_num_accepted_tokens": "accepted_tokens"}
+
+
+def spec_counters(llm: Any) -> dict[str, int]:
+    """vLLM's cumulative spec-decode counters (LLM.get_metrics, summed over engines): drafts (target steps
+    that verified a proposal), draft tokens proposed, draft tokens accepted."""
+    out = dict.fromkeys(SPEC_COUNTERS.values(), 0)
+    for metric in llm.get_metrics():
+        key = SPEC_COUNTERS.get(metric.name)
+        if key is not None and isinstance(getattr(metric, "value", None), (int, float)):
+            out[key] += int(metric.value)
+    return out
 
 
 def _kv_cache(llm: Any) -> dict[str, Any]:
@@ -156,9 +174,12 @@ def _vllm_run(llm: Any, prompts: list[list[int]], gen_len: int, tag: str) -> dic
     from vllm.sampling_params import RequestOutputKind
 
     engine = llm.llm_engine
+    spec = engine.vllm_config.speculative_config is not None
+    before = spec_counters(llm) if spec else None
     params = SamplingParams(temperature=0.0, max_tokens=gen_len, ignore_eos=True, detokenize=False,
                             output_kind=RequestOutputKind.DELTA)
     events: dict[str, list[tuple[float, int]]] = {f"{tag}-{i}": [] for i in range(len(prompts))}
+    tokens: dict[str, list[int]] = {rid: [] for rid in events}
     t0 = time.perf_counter()
     for rid, p in zip(events, prompts):
         engine.add_request(rid, TokensPrompt(prompt_token_ids=p), params)
@@ -169,7 +190,14 @@ def _vllm_run(llm: Any, prompts: list[list[int]], gen_len: int, tag: str) -> dic
             n = len(o.outputs[0].token_ids) if o.outputs else 0
             if n and o.request_id in events:
                 events[o.request_id].append((t, n))
-    return _record(events, t0, time.perf_counter())
+                tokens[o.request_id] += list(o.outputs[0].token_ids)
+    run = _record(events, t0, time.perf_counter())
+    # the generated ids, hashed: greedy runs of one model on the same prompts must agree with and without a draft
+    run["tokens_sha256"] = hashlib.sha256(json.dumps(list(tokens.values())).encode()).hexdigest()
+    if before is not None:  # this run's share of the counters
+        after = spec_counters(llm)
+        run["spec"] = {k: after[k] - before[k] for k in after}
+    return run
 
 
 # ---------------------------------------------------------------- transformers
