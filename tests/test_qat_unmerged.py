@@ -105,16 +105,23 @@ def test_the_base_is_the_frozen_start(unmerged, tiny_tok, tmp_path):
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x if k.endswith(("weight_packed",
                                                                                          "weight_scale")))
     assert (Path(a["output"]) / "qat" / "adapter_model.safetensors").is_file()
+    # a GPTQ start: another task's run (other training) on the same calibration data has the same base
+    out, _, _ = unmerged
+    c = run(parse_recipe(recipe(tmp_path / "c", tiny_tok("llama"), [qat(lr=1e-3, steps=2)])))
+    tc, tf = Checkpoint(c["output"]), Checkpoint(out)
+    assert tc.names == tf.names and all(torch.equal(tc.read([n])[n], tf.read([n])[n]) for n in tc.names)
 
 
 @pytest.mark.parametrize("stage, message", [
     (qat(lora={"r": 4, "alpha": 8}), r"merge: false writes an adapter vLLM serves: lora\.r must be one of 8, 16, "
                                       r"32, 64, 128, 256 \(got 4\), or use merge: true"),
     (qat(base="nf4", group_size=128), r"merge: false needs base: grid .*; use base: grid, or merge: true with base nf4"),
+    ([qat(), {"method": "eora", "data": "calib", "rank": 8}],
+     r"stages\[1\]\.method: a stage before this one \(eora, or qat with merge: false\) already wrote the model's LoRA"),
 ])
 def test_refusals_are_one_line(stage, message, tiny_tok, tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text(recipe(tmp_path, tiny_tok("llama"), [stage]))
+    path.write_text(recipe(tmp_path, tiny_tok("llama"), stage if isinstance(stage, list) else [stage]))
     rc, out = run_cli("validate", str(path))
     lines = [line for line in out.splitlines() if line.strip()]
     assert rc != 0 and len(lines) == 1 and re.search(message, lines[0]), out
