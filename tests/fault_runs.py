@@ -113,6 +113,9 @@ def export_differences(a: Path, b: Path) -> list[str]:
             ya.pop("output"), yb.pop("output")
             if ya != yb:
                 diffs.append(name)
+        elif name not in VOLATILE_FILES and (a / name).is_dir():  # an adapter folder (eora/, qat/): its files
+            diffs += [p for p in _paths(a) if p.startswith(name + "/") and (a / p).is_file()
+                      and (a / p).read_bytes() != (b / p).read_bytes()]
         elif name not in VOLATILE_FILES and (a / name).read_bytes() != (b / name).read_bytes():
             diffs.append(name)
     ra, rb = (json.loads((d / "llmslim_report.json").read_text()) for d in (a, b))

@@ -121,6 +121,10 @@ TRAINING = {  # 8 steps, a checkpoint every 3; each a stage whose resume needs s
     # the GPTQ start and its grid, rebuilt by the rerun; learned scales: trained parameters beside LoRA's
     "qat": [{"method": "qat", "data": "train", "calib_data": "calib", "steps": 8, "batch_size": 8, "lr": 1e-2,
              "save_every": 3, "bits": 4, "group_size": 32, "lora": {"r": 4, "alpha": 8}, "learn_scales": True}],
+    # merge: false: the frozen integers rebuilt, learned scales beside them, the adapter written apart (qat/)
+    "qat-unmerged": [{"method": "qat", "data": "train", "calib_data": "calib", "steps": 8, "batch_size": 8,
+                      "lr": 1e-2, "save_every": 3, "bits": 4, "group_size": 32, "merge": False,
+                      "lora": {"r": 8, "alpha": 16}, "learn_scales": True}],
 }
 
 
@@ -146,6 +150,8 @@ def test_a_killed_training_stage_resumes_to_a_byte_identical_export(method, tiny
     rc, out = llmslim_run(killed)
     assert rc == 0 and "resuming the training at step 6 of 8" in out, out[-3000:]
     assert_same_export(ref.parent / "out", killed.parent / "out")
+    if method == "qat-unmerged":  # the adapter is part of the export, compared byte for byte too
+        assert (killed.parent / "out" / "qat" / "adapter_model.safetensors").is_file()
     notes = json.loads((killed.parent / "out" / "llmslim_report.json").read_text())["stages"][-1]["notes"]
     assert notes["resumed_from_step"] == 6 and [p["step"] for p in notes["curve"]] == list(range(1, 9))
     assert notes["tokens_seen"] == 8 * 8 * 64

@@ -5,7 +5,10 @@ grid: `init: rtn` (round to nearest) or `init: gptq` (GPTQ on calibration data, 
 give the scales and zero points. LoRA adapters (peft) train and every forward uses Q(W0 + (alpha/r) B A)
 (llmslim.training.fakequant, straight-through gradients; `learn_scales` trains the scales too, LSQ-style).
 The export is the integers Q produces for the final weights: the stage writes compressed-tensors like
-gptq, and the model transformers or vLLM loads computes what the trained model computed.
+gptq, and the model transformers or vLLM loads computes what the trained model computed. `merge: false`
+keeps the adapters apart instead: W0's integers stay frozen, every forward uses Q(W0) x + (alpha/r) B A x,
+and the export is those integers (compressed-tensors) plus the adapters as a PEFT LoRA adapter in `qat/`
+(formats/lora.py), which transformers+peft and vLLM (`--enable-lora`) apply as training did.
 
 base: nf4. QLoRA proper: the Linears become bitsandbytes 4-bit NormalFloat (double quantization) and
 peft adapters train on top; at the end the adapters are merged into the dequantized weights, written
@@ -21,6 +24,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -28,6 +32,8 @@ from torch import nn
 
 from ..checkpoint import CheckpointWriter, LazyModel
 from ..formats.compressed import compress_linear
+from ..formats.lora import QAT_ADAPTER_DIR as ADAPTER
+from ..formats.lora import write_adapter
 from ..layerwise import walk
 from ..plan import PlanError, PlanState
 from ..stage import StageContext, StageResult
@@ -58,7 +64,8 @@ def plan(state: PlanState, cfg: QatConfig) -> PlanState:
                                     "them with the adapters; run it on one process or under DDP "
                                     "(accelerate launch --multi_gpu)")
         return state  # dense in, dense out: the stage after it quantizes
-    return gptq.plan(state, cfg)
+    state = gptq.plan(state, cfg)
+    return state if cfg.merge else replace(state, lora_rank=cfg.lora.r)  # the adapter beside the base
 
 
 # ---------------------------------------------------------------- base: grid
@@ -129,20 +136,26 @@ def _grid_student(ctx: StageContext, cfg: QatConfig) -> tuple[Any, list[list[Any
         lora_cfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0)  # type: ignore[arg-type]
         lora = LoraLinear(lin, "default", lora_cfg, r=cfg.lora.r, lora_alpha=cfg.lora.alpha)  # type: ignore[arg-type]
         setattr(parent, child, QatLinear(lora, scale, zero, fmt.bits, lin.in_features if gs == -1 else gs,
-                                         learn_scales=cfg.learn_scales, export_dtype=ctx.dtype))
+                                         learn_scales=cfg.learn_scales, export_dtype=ctx.dtype, merge=cfg.merge))
     return model.to(ctx.device), targets, fmt
 
 
-def _write_grid(ctx: StageContext, model: Any, targets: list[list[Any]], fmt: QuantFormat) -> tuple[Any, dict]:
+def _write_grid(ctx: StageContext, cfg: QatConfig, model: Any, targets: list[list[Any]], fmt: QuantFormat
+                ) -> tuple[Any, dict]:
     """The trained model as compressed-tensors: each QatLinear's integers, scales and zero points (what its
-    last forward would use), everything else in the working dtype."""
+    last forward would use), everything else in the working dtype; with merge: false its adapters too, as a
+    PEFT LoRA adapter in `qat/` (lora_alpha as trained: the scaling alpha / r is the training's)."""
     adapter = ctx.source.adapter  # dense models only (plan): memory names are checkpoint names
     compressed: dict[str, torch.Tensor] = {}
     replaced: set[str] = set()
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     flipped, total = 0, 0
     for name, module in list(model.named_modules()):
         if not isinstance(module, QatLinear):
             continue
+        if not cfg.merge:
+            b, a, _ = module.adapter()
+            pairs[name] = (b.cpu(), a.cpu())
         q, scale, zero, w = module.export()
         flipped += module.changed(q)
         total += q.numel()
@@ -167,6 +180,9 @@ def _write_grid(ctx: StageContext, model: Any, targets: list[list[Any]], fmt: Qu
     writer.add_state(adapter, rest, model.config)
     writer.add(compressed)
     writer.close(config)
+    if not cfg.merge:  # the base is the frozen integers (nothing changed); the training is in the adapter
+        size = write_adapter(ctx.out_dir / ADAPTER, pairs, ctx.dtype, sorted(pairs), alpha=cfg.lora.alpha)
+        return config, {"adapter": ADAPTER, "rank": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "adapter_bytes": size}
     return config, {"integers_changed_by_training": f"{flipped:,} of {total:,} ({100 * flipped / max(total, 1):.2f} %)"}
 
 
@@ -260,7 +276,7 @@ def run(ctx: StageContext, cfg: QatConfig) -> StageResult:
         result, notes, in_memory = train_student(ctx, cfg, student)
         if not ctx.is_main_process:  # it trained with the main process, which writes the stage
             return StageResult({}, notes, in_memory)
-        config, grid_notes = _write_grid(ctx, result.model, targets, fmt)
+        config, grid_notes = _write_grid(ctx, cfg, result.model, targets, fmt)
         notes.update({"grid": f"W{fmt.bits} {'g' + str(fmt.group_size) if fmt.group_size != -1 else 'per channel'} "
                               f"{'symmetric' if fmt.symmetric else 'asymmetric'}", "init": cfg.init,
                       "learn_scales": cfg.learn_scales, **grid_notes})

@@ -7,7 +7,9 @@ the ones the export writes. Gradients (LSQ, Esser et al. 2020): round passes the
 stops them outside [qmin, qmax]; a learnable scale gets d w_q / d s through the same expression.
 
 `QatLinear` wraps a peft LoRA Linear: its forward is x @ Q(W0 + (alpha / r) B A)^T, the merged weight on the
-grid, so training sees exactly what will be served.
+grid, so training sees exactly what will be served. With `merge=False` the integers q0 of W0 stay frozen and
+the adapters stay apart: x @ ((q0 - z) s)^T + (alpha / r) B A x, the quantized base plus a LoRA adapter, as
+vLLM serves them unmerged.
 """
 
 from __future__ import annotations
@@ -49,8 +51,10 @@ class QatLinear(nn.Module):
     zero: Tensor  # [out, G] float, integer-valued (a buffer)
     scale0: Tensor  # [out, G] the starting scales, as stored (a buffer)
 
+    q0: Tensor  # [out, in] the frozen integers (merge=False; a buffer)
+
     def __init__(self, lora: Any, scale: Tensor, zero: Tensor, bits: int, gs: int, *, learn_scales: bool,
-                 export_dtype: torch.dtype):
+                 export_dtype: torch.dtype, merge: bool = True):
         super().__init__()
         self.lora = lora
         self.qmin, self.qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -63,6 +67,10 @@ class QatLinear(nn.Module):
         # state, and accelerate's FSDP2 loading expects every state-dict entry to be a sharded parameter
         self.register_buffer("scale0", start, persistent=False)
         self.register_buffer("zero", zero.float(), persistent=False)
+        self.merge = merge
+        if not merge:  # W0 is on the starting grid: its integers are the base, for good
+            self.register_buffer("q0", integers(self.base.weight.float(), start, self.zero, self.qmin, self.qmax, gs),
+                                 persistent=False)
 
     @property
     def base(self) -> nn.Linear:
@@ -74,9 +82,25 @@ class QatLinear(nn.Module):
     def merged(self) -> Tensor:
         return self.base.weight + self.lora.get_delta_weight(self.lora.active_adapters[0])
 
+    def dequantized(self, q: Tensor, scale: Tensor) -> Tensor:
+        """(q - z) s [out, in] float32 (gradients reach a learned scale)."""
+        out, n = q.shape
+        return ((q.float().reshape(out, n // self.gs, self.gs) - self.zero[..., None]) * scale[..., None]).reshape(out, n)
+
     def forward(self, x: Tensor) -> Tensor:
+        if not self.merge:  # the frozen quantized base, the adapters beside it: what vLLM's LoRA computes
+            name = self.lora.active_adapters[0]
+            y = F.linear(x, self.dequantized(self.q0, self.scale()).to(x.dtype), self.base.bias)
+            return y + self.lora.lora_B[name](self.lora.lora_A[name](x)) * self.lora.scaling[name]
         w = fake_quant(self.merged().float(), self.scale(), self.zero, self.qmin, self.qmax, self.gs)
         return F.linear(x, w.to(x.dtype), self.base.bias)
+
+    @torch.no_grad()
+    def adapter(self) -> tuple[Tensor, Tensor, float]:
+        """(B [out, r], A [r, in], scaling alpha / r) of the adapters, float32."""
+        name = self.lora.active_adapters[0]
+        return (self.lora.lora_B[name].weight.float(), self.lora.lora_A[name].weight.float(),
+                float(self.lora.scaling[name]))
 
     @torch.no_grad()
     def changed(self, q: Tensor) -> int:
@@ -88,6 +112,6 @@ class QatLinear(nn.Module):
     def export(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(q int8 [out, in], scale [out, G] float32, zero int8 [out, G], the dequantized weight float32)."""
         scale = self.scale()
-        q = integers(self.merged().float(), scale, self.zero, self.qmin, self.qmax, self.gs)
-        w = ((q.float().reshape(q.shape[0], -1, self.gs) - self.zero[..., None]) * scale[..., None]).reshape(q.shape)
-        return q, scale, self.zero.to(torch.int8), w
+        q = self.q0 if not self.merge else integers(self.merged().float(), scale, self.zero, self.qmin, self.qmax,
+                                                    self.gs)
+        return q, scale, self.zero.to(torch.int8), self.dequantized(q, scale)

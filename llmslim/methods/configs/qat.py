@@ -3,17 +3,21 @@ quantization grid (configs/gptq.py)."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 from pydantic import Field, model_validator
 
 from ...training.config import TrainFields
+from .eora import Rank
 from .gptq import QuantFields
+
+VLLM_RANKS = get_args(Rank)  # the adapter ranks vLLM's --max-lora-rank takes (and sensible ones)
 
 
 class QatConfig(TrainFields, QuantFields):
     """Quantization-aware training with LoRA: on the export grid (`base: grid`, exported exactly as trained),
-    or QLoRA on a 4-bit NormalFloat base (`base: nf4`, merged for a following gptq/rtn stage)."""
+    or QLoRA on a 4-bit NormalFloat base (`base: nf4`, merged for a following gptq/rtn stage). With `merge:
+    false` (base grid) the adapters stay apart: a quantized base plus a LoRA adapter vLLM serves per request."""
 
     base: Literal["grid", "nf4"] = "grid"
     """grid: train on the integer grid the stage exports (bits, group_size, symmetric, ignore); nf4:
@@ -28,6 +32,11 @@ class QatConfig(TrainFields, QuantFields):
     """QAT trains LoRA adapters (the base weights stay frozen on the grid or in NF4)."""
     lr: float = Field(default=1e-3, gt=0)
     """Peak learning rate (AdamW) of the adapters (and scales)."""
+    merge: bool = True
+    """true: the adapters are merged into the weights (base grid: training and export use Q(W0 + (alpha/r) B A),
+    one model, best quality per byte). false (base grid only): the base integers stay frozen, training
+    computes Q(W0) x + (alpha/r) B A x, and the export is that quantized base plus a PEFT LoRA adapter in
+    `qat/` that vLLM serves unmerged (`--enable-lora`); lora.r must then be one of 8, 16, 32, 64, 128, 256."""
 
     @model_validator(mode="after")
     def _check_qat(self) -> QatConfig:
@@ -44,6 +53,12 @@ class QatConfig(TrainFields, QuantFields):
             raise ValueError("base nf4 is bitsandbytes' 4-bit NormalFloat with its own blocks: bits, group_size, "
                              "symmetric, activation_bits, observer, learn_scales and init apply to base grid only; leave "
                              "them out (the grid is chosen by the gptq/rtn stage that follows)")
+        if not self.merge and self.base == "nf4":
+            raise ValueError("merge: false needs base: grid (vLLM serves a LoRA adapter over a compressed-tensors "
+                             "base, not over bitsandbytes NF4); use base: grid, or merge: true with base nf4")
+        if not self.merge and self.lora.r not in VLLM_RANKS:
+            raise ValueError(f"merge: false writes an adapter vLLM serves: lora.r must be one of "
+                             f"{', '.join(map(str, VLLM_RANKS))} (got {self.lora.r}), or use merge: true")
         return self
 
     def data_sources(self) -> list[str]:

@@ -57,7 +57,8 @@ def plan(state: PlanState, cfg: EoraConfig) -> PlanState:
         raise PlanError("method", "eora compensates the rounding error of a quantizing stage before it (gptq, rtn, "
                                   "awq + gptq, autoround, qat with a grid base); no stage before this one quantizes")
     if state.lora_rank is not None:
-        raise PlanError("method", "an eora stage before this one already wrote the model's adapter; use one eora stage")
+        raise PlanError("method", "a stage before this one (eora, or qat with merge: false) already wrote the "
+                                  "model's LoRA adapter; a model has one adapter")
     if not isinstance(state.quant, QuantFormat):
         raise PlanError("method", f"eora cannot read the quantized format of the stage before ({type(state.quant).__name__})")
     if state.adapter.is_moe:
