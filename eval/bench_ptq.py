@@ -158,6 +158,57 @@ def smollm2_model(work: Path) -> Path:
     return out
 
 
+def finish(args: argparse.Namespace, subject: Subject, original: float, cells: dict[str, dict[str, Any]],
+           argv: list[str] | None) -> int:
+    """Print the table and the checks of `cells` ({row: {column: cell}}) and write the results JSON."""
+    grids = list(cells)
+    methods = list(dict.fromkeys(m for c in cells.values() for m in c))
+    methods.sort(key=lambda m: not m.startswith("ours"))  # ours first (stable: each in its order)
+    where = {"stories": "stories260K, perplexity on the second half of TinyStories dev.txt",
+             "reference": "the reference model, perplexity on its eval.txt",
+             "smollm2": ("SmolLM2-135M-Instruct (the Q4_1 GGUF in float32: its weights already carry llama.cpp's "
+                         "asymmetric 4-bit g32 rounding), calibrated on 16 x 512 tokens of WikiText-2 valid, "
+                         "perplexity on the first 32 x 512 tokens of WikiText-2 test")}[args.model]
+    digits = 3 if original > 3 else 4  # the reference model's perplexity is near 1.7: its steps are small
+    lines = [f"{where}; original {original:.{digits}f}. "
+             "Each cell: perplexity (quantization seconds, whole-process peak RSS MiB); bold: best in the column.", "",
+             "| method | " + " | ".join(grids) + " |", "|---|" + "---:|" * len(grids)]
+    best = {g: min(v["ppl"] for v in cells[g].values()) for g in grids}
+
+    def cell(g: str, m: str) -> str:
+        c = cells[g].get(m)
+        if c is None:
+            return "not run"
+        value = f"**{c['ppl']:.{digits}f}**" if c["ppl"] == best[g] else f"{c['ppl']:.{digits}f}"
+        return value + f" ({c['quant_s']:.0f} s, {c['peak_rss_bytes'] / 2**20:.0f})"
+
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(cell(g, m) for g in grids) + " |")
+    checks: dict[str, bool] = {}
+    lines.append("")
+    for g, c in cells.items():
+        # like with like: the mixed column spends more bits (3.5 on average) than the row's grid
+        ours = min((v["ppl"] for k, v in c.items() if k.startswith("ours") and "mixed" not in k), default=float("inf"))
+        theirs = [v["ppl"] for k, v in c.items() if not k.startswith("ours")]
+        if theirs and ours < float("inf"):
+            margin = 100 * (min(theirs) - ours) / min(theirs)
+            checks[f"{g}: the best of ours ({ours:.{digits}f}) beats the best anchor ({min(theirs):.{digits}f}), "
+                   f"by {margin:.2f} %"] = ours < min(theirs)
+        gptq = c.get("ours gptq minmax", {}).get("ppl", original)
+        if gptq > original:
+            removed = 100 * (gptq - ours) / (gptq - original)
+            lines.append(f"- {g}: the best of ours removes {removed:.1f} % of plain GPTQ's perplexity increase")
+            if g == "W3 per channel" and args.model == "stories":
+                checks[f"{g}: the best of ours removes at least a third of plain GPTQ's increase"] = removed >= 100 / 3
+    lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()]
+    print("\n".join(lines))
+    subject.results.parent.mkdir(parents=True, exist_ok=True)
+    subject.results.write_text(json.dumps({"command": " ".join(["eval/bench_ptq.py", *(argv or sys.argv[1:])]),
+                                   "original": original, "cells": cells, "checks": checks,
+                                   "table": "\n".join(lines)}, indent=2) + "\n")
+    return 0 if all(checks.values()) else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", choices=list(SUBJECTS), default="stories",
@@ -177,6 +228,9 @@ def main(argv: list[str] | None = None) -> int:
                         "the batch order of learned rounding) and auto-round's (default: 0, auto-round its own 42): "
                         "rerun a row with others to see how far the methods move")
     p.add_argument("--no-awq-anchor", action="store_true", help="skip llm-compressor's AWQ + GPTQ (the slowest anchor)")
+    p.add_argument("--merge", action="store_true",
+                   help="run nothing: the table of every partial run's JSON beside the results file (--rows/--columns "
+                        "runs), later files winning, written as the full results file")
     p.add_argument("--collect", action="store_true",
                    help="run nothing: measure the outputs an earlier (interrupted) run left in --work")
     args = p.parse_args(argv)
@@ -186,6 +240,19 @@ def main(argv: list[str] | None = None) -> int:
         subject = replace(subject, model=smollm2_model(args.work))
     partial = [f"{k}={'+'.join(map(str, v)) if isinstance(v, list) else v}" for k, v in
                (("rows", args.rows), ("columns", args.columns), ("seed", args.seed)) if v is not None]
+    if args.merge:
+        parts = sorted(subject.results.parent.glob(f"{subject.results.stem}.*.json"), key=lambda f: f.stat().st_mtime)
+        if not parts:
+            print(f"nothing to merge: no {subject.results.stem}.*.json in {subject.results.parent}")
+            return 2
+        cells: dict[str, dict[str, Any]] = {}
+        rows = [row_name(b, g) for b, g in subject.rows]
+        for part in parts:
+            for row, found in json.loads(part.read_text())["cells"].items():
+                cells.setdefault(row, {}).update({k: {**v, "from": part.name} for k, v in found.items()})
+        cells = {r: cells[r] for r in rows if r in cells}
+        original = json.loads(parts[-1].read_text())["original"]
+        return finish(args, subject, original, cells, argv)
     if partial:  # a part of the table, or another sample: its own file, the full run's stays
         tag = "-".join(partial).replace(" ", "").replace("/", "")
         subject = replace(subject, results=subject.results.with_name(f"{subject.results.stem}.{tag}.json"))
@@ -228,9 +295,12 @@ def main(argv: list[str] | None = None) -> int:
         calib = work / f"calib-{bits}-{group}.pt"
         token_hash = ""
         for column, stages in our_columns(bits, group, args.iters, subject.narrow, subject.columns).items():
-            if not wanted(column):
-                continue
             name = "ours-" + column.replace(" + ", "-").replace(" ", "-") + f"-w{bits}g{group}"
+            if not wanted(column):
+                if not token_hash and stages[0].get("data") and not args.collect:  # the anchors' tokens all the same
+                    text = write_recipe(work / f"{name}.yaml", work / name, samples, stages, subject, args.seed or 0)
+                    token_hash = calibration_tokens(text, calib)
+                continue
             log = work / "logs" / f"{name}.log"
             if args.collect:
                 if not (work / name / "llmslim_report.json").is_file():
@@ -279,51 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                                            *([] if args.seed is None else ["--seed", str(args.seed)])])
                 cells[row][f"auto-round {iters}"] = {**run, "ppl": ppl(dense)}
 
-    grids = list(cells)
-    methods = list(dict.fromkeys(m for c in cells.values() for m in c))
-    where = {"stories": "stories260K, perplexity on the second half of TinyStories dev.txt",
-             "reference": "the reference model, perplexity on its eval.txt",
-             "smollm2": ("SmolLM2-135M-Instruct (the Q4_1 GGUF in float32: its weights already carry llama.cpp's "
-                         "asymmetric 4-bit g32 rounding), calibrated on 16 x 512 tokens of WikiText-2 valid, "
-                         "perplexity on the first 32 x 512 tokens of WikiText-2 test")}[args.model]
-    digits = 3 if original > 3 else 4  # the reference model's perplexity is near 1.7: its steps are small
-    lines = [f"{where}; original {original:.{digits}f}. "
-             "Each cell: perplexity (quantization seconds, whole-process peak RSS MiB); bold: best in the column.", "",
-             "| method | " + " | ".join(grids) + " |", "|---|" + "---:|" * len(grids)]
-    best = {g: min(v["ppl"] for v in cells[g].values()) for g in grids}
-
-    def cell(g: str, m: str) -> str:
-        c = cells[g].get(m)
-        if c is None:
-            return "not run"
-        value = f"**{c['ppl']:.{digits}f}**" if c["ppl"] == best[g] else f"{c['ppl']:.{digits}f}"
-        return value + f" ({c['quant_s']:.0f} s, {c['peak_rss_bytes'] / 2**20:.0f})"
-
-    for m in methods:
-        lines.append(f"| {m} | " + " | ".join(cell(g, m) for g in grids) + " |")
-    checks: dict[str, bool] = {}
-    lines.append("")
-    for g, c in cells.items():
-        # like with like: the mixed column spends more bits (3.5 on average) than the row's grid
-        ours = min((v["ppl"] for k, v in c.items() if k.startswith("ours") and "mixed" not in k), default=float("inf"))
-        theirs = [v["ppl"] for k, v in c.items() if not k.startswith("ours")]
-        if theirs and ours < float("inf"):
-            margin = 100 * (min(theirs) - ours) / min(theirs)
-            checks[f"{g}: the best of ours ({ours:.{digits}f}) beats the best anchor ({min(theirs):.{digits}f}), "
-                   f"by {margin:.2f} %"] = ours < min(theirs)
-        gptq = c.get("ours gptq minmax", {}).get("ppl", original)
-        if gptq > original:
-            removed = 100 * (gptq - ours) / (gptq - original)
-            lines.append(f"- {g}: the best of ours removes {removed:.1f} % of plain GPTQ's perplexity increase")
-            if g == "W3 per channel" and args.model == "stories":
-                checks[f"{g}: the best of ours removes at least a third of plain GPTQ's increase"] = removed >= 100 / 3
-    lines += [f"- {'PASS' if ok else 'FAIL'}: {name}" for name, ok in checks.items()]
-    print("\n".join(lines))
-    subject.results.parent.mkdir(parents=True, exist_ok=True)
-    subject.results.write_text(json.dumps({"command": " ".join(["eval/bench_ptq.py", *(argv or sys.argv[1:])]),
-                                   "original": original, "cells": cells, "checks": checks,
-                                   "table": "\n".join(lines)}, indent=2) + "\n")
-    return 0 if all(checks.values()) else 1
+    return finish(args, subject, original, cells, argv)
 
 
 if __name__ == "__main__":

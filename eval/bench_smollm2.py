@@ -131,6 +131,8 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     lines = []
     for label, cuts in rows.items():
+        if args.prune_rows and label.split(":")[0] not in args.prune_rows:
+            continue
         name = "prune-" + label.split(":")[0].replace(" ", "").replace(">", "").replace("->", "-")
         r = run(args, name, [*cuts, train_stage(args)], check=args.check)
         rep = r["report"]
@@ -231,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--prune-rows", nargs="+", choices=["layers 30 -> 24", "width", "both"],
+                   help="only these rows of the prune section")
     p.add_argument("--repeats", type=int, default=3, help="gptq-cost runs per tool")
     p.add_argument("--check", default="vllm", choices=["vllm", "transformers", "none"],
                    help="the export check of the prune/qat/moe rows")
