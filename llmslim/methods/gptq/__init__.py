@@ -49,21 +49,28 @@ def targets_by_layer(model: Any, adapter: Any, ignore: list[str]) -> tuple[list[
     return out, used
 
 
+def planned_targets(model: Any, adapter: Any, ignore: list[str]) -> list[list[Target]]:
+    """targets_by_layer at planning time: an `ignore` pattern that is malformed or matches no Linear is a
+    PlanError on the field."""
+    try:
+        targets, used = targets_by_layer(model, adapter, ignore)
+    except ValueError as e:
+        raise PlanError("ignore", str(e)) from None
+    unused = [p for p in ignore if p not in used and not matches("lm_head", p)]
+    if unused:
+        raise PlanError("ignore", f"{unused[0]!r} matches no Linear of the model; names look like "
+                                  "model.layers.0.self_attn.q_proj or model.layers.0.mlp.down_proj (a suffix such "
+                                  "as down_proj also works, or re:REGEX)")
+    return targets
+
+
 def plan(state: PlanState, cfg: QuantFields) -> PlanState:
     fmt = QuantFormat.of(cfg)
     if state.awq_grid is not None:
         _check_awq_pair(state.awq_grid, cfg)
     model = meta_model(state.config, state.dtype)
     adapter = state.adapter
-    try:
-        targets, used = targets_by_layer(model, adapter, cfg.ignore)
-    except ValueError as e:
-        raise PlanError("ignore", str(e)) from None
-    unused = [p for p in cfg.ignore if p not in used and not matches("lm_head", p)]
-    if unused:
-        raise PlanError("ignore", f"{unused[0]!r} matches no Linear of the model; names look like "
-                                  "model.layers.0.self_attn.q_proj or model.layers.0.mlp.down_proj (a suffix such "
-                                  "as down_proj also works, or re:REGEX)")
+    targets = planned_targets(model, adapter, cfg.ignore)
     _check_groups(fmt, adapter, targets)
     widths: dict[tuple[int, int], list[str]] = {}  # (input width, the group size that does not fit it) -> names
     for i, layer in enumerate(adapter.layers(model)):

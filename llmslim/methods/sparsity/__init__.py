@@ -27,9 +27,8 @@ from ...layerstore import done_layers, layer_file, load_layer, save_layer, write
 from ...layerwise import walk
 from ...plan import PlanError, PlanState, meta_model
 from ...stage import StageContext, StageResult
-from ..configs.gptq import matches
 from ..configs.sparsity import SparseGptConfig, SparsityFields, WandaConfig
-from ..gptq import targets_by_layer
+from ..gptq import planned_targets, targets_by_layer
 from ..gptq.layer import collect_hessians
 from .core import PruneResult, sparsegpt_prune, wanda_prune
 
@@ -44,15 +43,7 @@ def plan(state: PlanState, cfg: SparsityFields) -> PlanState:
         raise PlanError("method", f"{state.config.model_type}: sparsity stages prune dense Linears; MoE models are "
                                   "not supported yet")
     model = meta_model(state.config, state.dtype)
-    try:
-        targets, used = targets_by_layer(model, state.adapter, cfg.ignore)
-    except ValueError as e:
-        raise PlanError("ignore", str(e)) from None
-    unused = [p for p in cfg.ignore if p not in used and not matches("lm_head", p)]
-    if unused:
-        raise PlanError("ignore", f"{unused[0]!r} matches no Linear of the model; names look like "
-                                  "model.layers.0.self_attn.q_proj or model.layers.0.mlp.down_proj (a suffix such "
-                                  "as down_proj also works, or re:REGEX)")
+    targets = planned_targets(model, state.adapter, cfg.ignore)
     layers = state.adapter.layers(model)
     if isinstance(cfg.sparsity, list) and len(cfg.sparsity) != len(layers):
         raise PlanError("sparsity", f"{len(cfg.sparsity)} per-layer sparsities for a model of {len(layers)} decoder "
