@@ -233,18 +233,22 @@ def test_killed_eora_resumes_mid_model_with_the_same_adapter(tmp_path):
     assert yaml.safe_load((tmp_path / "b" / "out" / "llmslim_recipe.yaml").read_text())["stages"][1]["method"] == "eora"
 
 
-def test_serve_and_the_model_card_serve_the_adapter(eora_run, monkeypatch, capsys):
+def served_on_a_cpu(out: Path, repo_id: str, port: int, monkeypatch, capsys) -> tuple[str, str]:
+    """(what `llmslim serve OUT --dry-run` prints on an AVX-512 CPU, the model card of OUT pushed as repo_id)."""
     from llmslim import cpu
     from llmslim.card import build_card
     from llmslim.cli import main
 
-    _, out, _ = eora_run
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     monkeypatch.setattr(cpu, "detect", lambda: cpu.FAMILY_FEATURES["avx512"])
-    assert main(["serve", str(out), "--port", "9124", "--dry-run", "--quiet"]) == 0
-    printed = capsys.readouterr().out
+    assert main(["serve", str(out), "--port", str(port), "--dry-run", "--quiet"]) == 0
+    return capsys.readouterr().out, build_card(out, repo_id)
+
+
+def test_serve_and_the_model_card_serve_the_adapter(eora_run, monkeypatch, capsys):
+    _, out, _ = eora_run
+    printed, card = served_on_a_cpu(out, "me/tiny-w4-eora", 9124, monkeypatch, capsys)
     assert f"--enable-lora --lora-modules=eora={out}/eora --max-lora-rank=16" in printed, printed
-    card = build_card(out, "me/tiny-w4-eora")
     assert "huggingface-cli download me/tiny-w4-eora --local-dir tiny-w4-eora" in card
     assert "--enable-lora --lora-modules=eora=tiny-w4-eora/eora --max-lora-rank=16" in card
     assert 'PeftModel.from_pretrained(base, "tiny-w4-eora/eora")' in card

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from cli_runner import run_cli
+from test_eora import served_on_a_cpu
 from tiny_models import tiny_recipe as recipe
 
 from llmslim.checkpoint import Checkpoint
@@ -128,17 +129,9 @@ def test_refusals_are_one_line(stage, message, tiny_tok, tmp_path):
 
 
 def test_serve_and_the_card_serve_the_qat_adapter(unmerged, monkeypatch, capsys):
-    from llmslim import cpu
-    from llmslim.card import build_card
-    from llmslim.cli import main
-
     out, _, _ = unmerged
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    monkeypatch.setattr(cpu, "detect", lambda: cpu.FAMILY_FEATURES["avx512"])
-    assert main(["serve", str(out), "--port", "9125", "--dry-run", "--quiet"]) == 0
-    printed = capsys.readouterr().out
+    printed, card = served_on_a_cpu(out, "me/tiny-qat", 9125, monkeypatch, capsys)
     assert f"--enable-lora --lora-modules=qat={out}/qat --max-lora-rank=8" in printed, printed
-    card = build_card(out, "me/tiny-qat")
     assert "--enable-lora --lora-modules=qat=tiny-qat/qat --max-lora-rank=8" in card
     assert 'PeftModel.from_pretrained(base, "tiny-qat/qat")' in card
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -44,9 +45,7 @@ def write_adapter(path: Path, pairs: dict[str, tuple[torch.Tensor, torch.Tensor]
     else the full names."""
     path.mkdir(parents=True, exist_ok=True)
     ranks = {name: int(a.shape[0]) for name, (_, a) in pairs.items()}
-    counts: dict[int, int] = {}
-    for r in ranks.values():
-        counts[r] = counts.get(r, 0) + 1
+    counts = Counter(ranks.values())
     r = max(counts, key=lambda k: (counts[k], k))
     exact = {re.escape(n): k for n, k in sorted(ranks.items()) if k != r}
     alphas = {k: float(v) for k, v in exact.items()} if alpha is None else {}
