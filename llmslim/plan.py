@@ -52,6 +52,7 @@ class PlanState:
     original: PretrainedConfig | None = None  # the recipe's model before the first stage (the default teacher)
     lora_rank: int | None = None  # an eora stage wrote a LoRA adapter beside the quantized weights: its largest rank
     sparsity: str | None = None  # a sparsity stage zeroed weights ("unstructured" or "N:M"): what follows keeps them
+    sparse_linears: tuple[str, ...] = ()  # the Linears it pruned (model.layers.i.name): a training stage masks them
 
     def with_config(self, config: PretrainedConfig) -> PlanState:
         """This state with a new config (and the adapter of its architecture, which a stage may change)."""
@@ -116,14 +117,16 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
     quantized_at = sparse_at = None
     for stage in recipe.stages:
         method = METHODS[stage.method]
-        if sparse_at is not None and (method.trains or method.changes_shape):
-            what = "training moves the zeroed weights" if method.trains else "it changes the shapes the mask was chosen on"
+        if sparse_at is not None and method.changes_shape:  # training keeps the mask (llmslim.training.masks)
             problems.append(f"{recipe.where(('stages', stage.index))}: stages[{stage.index}]: {stage.method} cannot "
-                            f"follow the sparsity stage in stages[{sparse_at}] ({what}); put it before")
+                            f"follow the sparsity stage in stages[{sparse_at}] (it changes the shapes the mask was "
+                            "chosen on); put it before")
             break
         if quantized_at is not None and not method.follows_quantization:
+            fix = ("training after quantization is what qat is for: put it before the quantizing stage, or train "
+                   "with qat in its place" if method.trains else "put quantization last")
             problems.append(f"{recipe.where(('stages', stage.index))}: stages[{stage.index}]: only eora can follow "
-                            f"the quantization in stages[{quantized_at}]; put quantization last")
+                            f"the quantization in stages[{quantized_at}]; {fix}")
             break
         try:
             state = method.planner()(state, stage.config)

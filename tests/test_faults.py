@@ -114,8 +114,10 @@ def test_a_kill_while_replacing_an_export_restores_the_old_one(tiny_tok, tmp_pat
 # ---------------------------------------------------------------- training stages
 
 TRAINING = {  # 8 steps, a checkpoint every 3; each a stage whose resume needs saved state beyond weights
-    # LoRA dropout: the saved RNG states; AdamW: its moments; the pruned model: the stage's input checkpoint
+    # LoRA dropout: the saved RNG states; AdamW: its moments; the pruned model: the stage's input checkpoint,
+    # whose 2:4 zeros the adapters keep (the masks rebuilt from it by the rerun)
     "distill": [{"method": "prune_ffn", "intermediate_size": 128, "criterion": "activation", "data": "calib"},
+                {"method": "wanda", "data": "calib", "structure": "2:4"},
                 {"method": "distill", "data": "train", "steps": 8, "batch_size": 8, "lr": 3e-3, "warmup": 2,
                  "save_every": 3, "trainable": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1}}],
     # the GPTQ start and its grid, rebuilt by the rerun; learned scales: trained parameters beside LoRA's

@@ -1,7 +1,7 @@
 """sparsegpt and wanda: the cores against direct references (one-weight OBS update, Wanda's score by definition,
 N:M masks exact per group, SparseGPT's reconstruction error below magnitude pruning and Wanda's), tiny-model runs
-(the sparsity counted in the export, the zeros kept through gptq), the recipes refused before anything runs, and a
-run killed mid-stage that resumes to the same export."""
+(the sparsity counted in the export, the zeros kept through gptq and through training: distill with all weights or
+LoRA, qat), the recipes refused before anything runs, and a run killed mid-stage that resumes to the same export."""
 
 from __future__ import annotations
 
@@ -231,6 +231,57 @@ def test_quantizers_hold_masked_weights_at_exactly_zero_on_asymmetric_grids():
     assert (rtn.weight[pruned.mask] == 0).all()
 
 
+# ---------------------------------------------------------------- the masks through training
+
+
+def _run(tmp: Path, stages: list, layers: int = 2, **extra) -> tuple[Path, Path, dict]:
+    from llmslim.pipeline import run
+    from llmslim.recipe import parse_recipe
+
+    src = save_tiny("llama", tmp / "model", layers=layers)
+    add_tokenizer(src)
+    report = run(parse_recipe(make_recipe(tmp, src, stages, **extra)))
+    return src, Path(report["output"]), report
+
+
+TRAIN = {"data": "calib", "steps": 2, "batch_size": 2, "lr": 1e-3}
+
+
+def _two_of_four(weights: dict[str, torch.Tensor]) -> None:
+    assert len(weights) == 14
+    for name, w in weights.items():
+        assert ((w == 0).reshape(w.shape[0], -1, 4).sum(-1) >= 2).all(), name
+
+
+def test_wanda_2_4_then_distill_lora_then_gptq_ends_2_4(tmp_path):
+    """The adapters' update is masked in the forward and in the merge; gptq then keeps the zeros."""
+    stages = [{"method": "wanda", "data": "calib", "structure": "2:4"},
+              {"method": "distill", **TRAIN, "trainable": "lora", "lora": {"r": 4, "alpha": 8, "dropout": 0.1}},
+              {"method": "gptq", "data": "calib", "bits": 4, "group_size": 32}]
+    _, out, report = _run(tmp_path, stages, export={"check": "none"})
+    sparse, train, quant = (st["notes"] for st in report["stages"])
+    kept = train["sparsity_kept"]
+    assert kept["zeros_before"] == kept["zeros_kept"] == kept["zeros_after"] == sparse["zeros"]
+    assert train["trainable"] == "lora r=4, merged" and len(train["curve"]) == 2
+    assert quant["zeros_before"] == quant["zeros_kept"] == sparse["zeros"]
+    _two_of_four(_exported_linears(out))
+
+
+def test_wanda_2_4_then_qat_exports_2_4_integers(tmp_path):
+    """qat's start holds the zeros on the grid's zero points, its forward and export keep them there."""
+    stages = [{"method": "wanda", "data": "calib", "structure": "2:4"},
+              {"method": "qat", **TRAIN, "lr": 1e-2, "bits": 4, "group_size": 32, "symmetric": False,
+               "lora": {"r": 4, "alpha": 8}}]
+    _, out, report = _run(tmp_path, stages, export={"check": "none"})
+    sparse, train = (st["notes"] for st in report["stages"])
+    kept = train["sparsity_kept"]
+    assert kept["zeros_before"] == kept["zeros_kept"] == sparse["zeros"] <= kept["zeros_after"]
+    assert not train["integers_changed_by_training"].startswith("0 of")
+    weights = _exported_linears(out)  # the integers, dequantized by our reference decoder
+    _two_of_four(weights)
+    assert sum(int((w == 0).sum()) for w in weights.values()) == kept["zeros_after"]
+
+
 # ---------------------------------------------------------------- refused before anything runs
 
 
@@ -245,8 +296,14 @@ def test_quantizers_hold_masked_weights_at_exactly_zero_on_asymmetric_grids():
      r"structure '2:4' sets the sparsity to 2/4 = 0.5"),
     ([{"method": "wanda", "data": "calib", "sparsity": [0.5, 0.5]}], {},
      r"stages\[0\]\.sparsity: 2 per-layer sparsities for a model of 4 decoder layers"),
-    ([{"method": "wanda", "data": "calib"}, {"method": "distill", "data": "calib", "steps": 2}], {},
-     r"stages\[1\]: distill cannot follow the sparsity stage in stages\[0\] \(training moves"),
+    ([{"method": "wanda", "data": "calib"}, {"method": "qat", "data": "calib", "steps": 2, "merge": False}], {},
+     r"stages\[1\]\.merge: merge: false serves the LoRA adapter apart, dense over the base, which would fill"),
+    ([{"method": "wanda", "data": "calib"}, {"method": "qat", "data": "calib", "steps": 2, "base": "nf4"}], {},
+     r"stages\[1\]\.base: base nf4 merges its dense adapters"),
+    ([{"method": "wanda", "data": "calib", "structure": "2:4"}, {"method": "gptq", "data": "calib"},
+      {"method": "distill", "data": "calib", "steps": 2}], {},
+     r"stages\[2\]: only eora can follow the quantization in stages\[1\]; training after quantization is what "
+     r"qat is for: put it before the quantizing stage, or train with qat in its place"),
     ([{"method": "wanda", "data": "calib"}, {"method": "prune_ffn", "data": "calib", "intermediate_size": 128}], {},
      r"stages\[1\]: prune_ffn cannot follow the sparsity stage in stages\[0\] \(it changes the shapes"),
 ])

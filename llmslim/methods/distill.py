@@ -4,7 +4,8 @@ The student is the stage's input (what the earlier stages left); the teacher is 
 (or `teacher:`). The loss terms, the layer mapping of the hidden term and the loop are
 llmslim.training.student (shared with qat); width pruning keeps hidden_size, so hidden states compare
 directly. trainable: all trains every weight in float32; lora trains peft adapters and merges them
-before the checkpoint is written. The plan refuses a teacher with another vocabulary or tokenizer, a
+before the checkpoint is written. After a sparsity stage the Linears it pruned keep their zeros, in
+training and in the checkpoint (llmslim.training.masks), counted in the notes. The plan refuses a teacher with another vocabulary or tokenizer, a
 hidden term with no mappable layers, and a `hidden_layers` pair naming a layer the student (as the
 earlier stages leave it) or the teacher (the recipe's model as loaded, or `teacher:`) does not have.
 """
@@ -23,6 +24,7 @@ from ..errors import UserError
 from ..loading import has_tokenizer, resolve_model
 from ..plan import PlanError, PlanState
 from ..stage import StageContext, StageResult
+from ..training.masks import apply_masks, merge_masked, sparse_masks, zero_counts
 from ..training.student import train_student
 from .configs.distill import DistillConfig
 
@@ -92,8 +94,11 @@ def _check_tokenizers(student_dir: Path | None, teacher_dir: Path) -> None:
 # ---------------------------------------------------------------- run
 
 
-def _load_student(ctx: StageContext, cfg: DistillConfig) -> nn.Module:
+def _load_student(ctx: StageContext, cfg: DistillConfig) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """The student, and the sparsity masks it keeps in its forward (name -> pruned; none without a sparsity
+    stage before this one)."""
     model: Any = LazyModel(ctx.source, torch.float32).materialize_all().to(ctx.device)  # float32 master weights
+    masks = sparse_masks(model, ctx.before.sparse_linears)
     for p in model.parameters():
         p.requires_grad_(cfg.trainable == "all")
     if cfg.trainable == "lora":
@@ -103,17 +108,24 @@ def _load_student(ctx: StageContext, cfg: DistillConfig) -> nn.Module:
         model = get_peft_model(model, LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # peft accepts floats
                                                  lora_dropout=cfg.lora.dropout,
                                                  target_modules=list(cfg.lora.targets), bias="none"))
-    return model
+    apply_masks(model.get_base_model() if cfg.trainable == "lora" else model, masks)
+    return model, masks
 
 
 def run(ctx: StageContext, cfg: DistillConfig) -> StageResult:
-    result, notes, in_memory = train_student(ctx, cfg, _load_student(ctx, cfg))
+    student, masks = _load_student(ctx, cfg)
+    result, notes, in_memory = train_student(ctx, cfg, student)
     notes["trainable"] = cfg.trainable if cfg.trainable == "all" else f"lora r={cfg.lora.r}, merged"
     what = (f"student in float32 ({'sharded' if result.sharded else 'whole model'}) with "
             f"{'AdamW states' if cfg.trainable == 'all' else 'LoRA adapters'}; {in_memory}")
     if not ctx.is_main_process:  # it trained with the main process, which writes the stage
         return StageResult({}, notes, what)
-    model: Any = result.model.merge_and_unload() if cfg.trainable == "lora" else result.model
+    model: Any = result.model
+    if cfg.trainable == "lora":
+        merge_masked(model.get_base_model())  # the masked adapters first: peft's merge would add them dense
+        model = model.merge_and_unload()
     model = model.to("cpu").to(ctx.dtype)
+    if masks:  # the sparsity stage's zeros, counted in the weights written
+        notes["sparsity_kept"] = zero_counts(masks, {n: model.get_submodule(n).weight for n in masks})
     ctx.save(model)
     return StageResult(model.config, notes, what)

@@ -15,6 +15,11 @@ peft adapters train on top; at the end the adapters are merged into the dequanti
 dense in the working dtype for a following gptq/rtn stage. The notes say how far that stage's grid (round
 to nearest on it, as a yardstick) moves the merged weights.
 
+After a sparsity stage (base grid, merged) the pruned Linears keep their zeros: the start holds them on
+the grid's zero points (GPTQ treats them as fixed zeros), the forward fake-quantizes (W0 + (alpha/r) B A)
+with the pruned entries 0, and the export writes the zero point there (dequantized exactly 0); counted in
+the notes. `merge: false` and base nf4 add dense adapters over the base and are refused after one.
+
 Both train with llmslim.training.student (the loss terms and teacher of distill; default: logits KL
 against the original model), with its checkpoints, resume and accelerate scale-out. Dense models only:
 MoE experts are fused parameters that LoRA cannot wrap.
@@ -38,12 +43,13 @@ from ..layerwise import walk
 from ..plan import PlanError, PlanState
 from ..stage import StageContext, StageResult
 from ..training.fakequant import QatLinear
+from ..training.masks import zero_counts
 from ..training.sharding import fsdp_requested
 from ..training.student import train_student
 from . import gptq
 from .configs.gptq import GptqConfig, QuantFields
 from .configs.qat import QatConfig
-from .gptq.core import rtn_quantize
+from .gptq.core import hold_zeros, rtn_quantize
 from .gptq.format import QuantFormat, disk_name
 from .gptq.layer import collect_hessians, quantize_matrix, scheme_for
 
@@ -57,6 +63,11 @@ def plan(state: PlanState, cfg: QatConfig) -> PlanState:
     if state.adapter.is_moe:
         raise PlanError("base", f"{state.config.model_type}: qat trains LoRA adapters on Linear layers and MoE "
                                 "experts are fused parameters; quantize MoE models with gptq or rtn")
+    if state.sparsity is not None and (cfg.base == "nf4" or not cfg.merge):
+        field, what = (("base", "base nf4 merges its dense adapters into the NF4 weights") if cfg.base == "nf4" else
+                       ("merge", "merge: false serves the LoRA adapter apart, dense over the base"))
+        raise PlanError(field, f"{what}, which would fill the zeros of the sparsity stage before it; use base: grid "
+                               "with merge: true (it keeps the mask)")
     if cfg.base == "nf4":
         if fsdp_requested():  # accelerate's launch config asks for FSDP
             raise PlanError("base", "base nf4 cannot train under FSDP: FSDP2 does not shard bitsandbytes' packed "
@@ -81,12 +92,21 @@ def _grid_start(ctx: StageContext, cfg: QatConfig, fmt: QuantFormat, targets: li
                       symmetric=cfg.symmetric, ignore=cfg.ignore, per_channel_fallback=cfg.per_channel_fallback,
                       observer=cfg.observer, act_order=False)  # static column groups, no g_idx: the grid fake_quant reproduces
 
+    sparse = set(ctx.before.sparse_linears)
+
     def quantize(layer: nn.Module, i: int, hessians: Any) -> None:
         for t in targets[i]:
             lins: list[Any] = [layer.get_submodule(n) for n in t.names]
             W = torch.cat([lin.weight.data.float() for lin in lins])
             H = hessians.linear[t.names].H if hessians is not None else None
-            res = quantize_matrix(W, H, gcfg, fmt, ctx.dtype)  # scales as the export stores them
+            # after a sparsity stage its zeros start on the grid's zero points (dequantized exactly 0)
+            held = [f"model.layers.{i}.{n}" in sparse for n in t.names]
+            zeros = torch.cat([lin.weight.data == 0 if h else torch.zeros_like(lin.weight.data, dtype=torch.bool)
+                               for h, lin in zip(held, lins)]) if any(held) else None
+            res = quantize_matrix(W, H, gcfg, fmt, ctx.dtype, fixed_zero=zeros)  # scales as the export stores them
+            if zeros is not None:  # rtn's too (gptq already holds them)
+                gs = fmt.group_for(W.shape[1])
+                res = hold_zeros(res, zeros, W.shape[1] if gs in (None, -1) else gs)
             lo = 0
             for name, lin in zip(t.names, lins):
                 hi = lo + lin.out_features
@@ -126,17 +146,20 @@ def _grid_student(ctx: StageContext, cfg: QatConfig) -> tuple[Any, list[list[Any
     torch.manual_seed(ctx.seed)  # the adapters' random start: the same in every run of the recipe
     for p in model.parameters():
         p.requires_grad_(False)
+    sparse = set(ctx.before.sparse_linears)
     for full, (w0, scale, zero) in start.items():
         parent_name, child = full.rsplit(".", 1)
         parent = model.get_submodule(parent_name)
         lin = getattr(parent, child)
+        pruned = lin.weight.data == 0 if full in sparse else None  # the input's zeros (W0 has them too)
         lin.weight.data = w0
         gs = fmt.group_for(lin.in_features)
         assert gs is not None
         lora_cfg = LoraConfig(r=cfg.lora.r, lora_alpha=cfg.lora.alpha, lora_dropout=0.0)  # type: ignore[arg-type]
         lora = LoraLinear(lin, "default", lora_cfg, r=cfg.lora.r, lora_alpha=cfg.lora.alpha)  # type: ignore[arg-type]
         setattr(parent, child, QatLinear(lora, scale, zero, fmt.bits, lin.in_features if gs == -1 else gs,
-                                         learn_scales=cfg.learn_scales, export_dtype=ctx.dtype, merge=cfg.merge))
+                                         learn_scales=cfg.learn_scales, export_dtype=ctx.dtype, merge=cfg.merge,
+                                         pruned=pruned))
     return model.to(ctx.device), targets, fmt
 
 
@@ -150,6 +173,8 @@ def _write_grid(ctx: StageContext, cfg: QatConfig, model: Any, targets: list[lis
     replaced: set[str] = set()
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     flipped, total = 0, 0
+    masks: dict[str, torch.Tensor] = {}
+    written: dict[str, torch.Tensor] = {}
     for name, module in list(model.named_modules()):
         if not isinstance(module, QatLinear):
             continue
@@ -157,6 +182,8 @@ def _write_grid(ctx: StageContext, cfg: QatConfig, model: Any, targets: list[lis
             b, a, _ = module.adapter()
             pairs[name] = (b.cpu(), a.cpu())
         q, scale, zero, w = module.export()
+        if module.pruned is not None:  # counted in what a loader computes from the export: (q - z) s
+            masks[name], written[name] = module.pruned, w
         flipped += module.changed(q)
         total += q.numel()
         index = int(name.split(".")[2])
@@ -183,7 +210,11 @@ def _write_grid(ctx: StageContext, cfg: QatConfig, model: Any, targets: list[lis
     if not cfg.merge:  # the base is the frozen integers (nothing changed); the training is in the adapter
         size = write_adapter(ctx.out_dir / ADAPTER, pairs, ctx.dtype, sorted(pairs), alpha=cfg.lora.alpha)
         return config, {"adapter": ADAPTER, "rank": cfg.lora.r, "lora_alpha": cfg.lora.alpha, "adapter_bytes": size}
-    return config, {"integers_changed_by_training": f"{flipped:,} of {total:,} ({100 * flipped / max(total, 1):.2f} %)"}
+    notes: dict[str, Any] = {
+        "integers_changed_by_training": f"{flipped:,} of {total:,} ({100 * flipped / max(total, 1):.2f} %)"}
+    if masks:
+        notes["sparsity_kept"] = zero_counts(masks, written)
+    return config, notes
 
 
 # ---------------------------------------------------------------- base: nf4

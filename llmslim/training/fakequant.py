@@ -9,7 +9,9 @@ stops them outside [qmin, qmax]; a learnable scale gets d w_q / d s through the 
 `QatLinear` wraps a peft LoRA Linear: its forward is x @ Q(W0 + (alpha / r) B A)^T, the merged weight on the
 grid, so training sees exactly what will be served. With `merge=False` the integers q0 of W0 stay frozen and
 the adapters stay apart: x @ ((q0 - z) s)^T + (alpha / r) B A x, the quantized base plus a LoRA adapter, as
-vLLM serves them unmerged.
+vLLM serves them unmerged. With `pruned` (a sparsity mask, merge=True only) the merged weight's pruned
+entries are 0 before and after Q, and the export puts the zero point there: a sparsity stage's zeros
+survive training exactly (llmslim.training.masks).
 """
 
 from __future__ import annotations
@@ -52,9 +54,10 @@ class QatLinear(nn.Module):
     scale0: Tensor  # [out, G] the starting scales, as stored (a buffer)
 
     q0: Tensor  # [out, in] the frozen integers (merge=False; a buffer)
+    pruned: Tensor | None  # [out, in] bool, True = held at exactly 0 (a sparsity mask; a buffer)
 
     def __init__(self, lora: Any, scale: Tensor, zero: Tensor, bits: int, gs: int, *, learn_scales: bool,
-                 export_dtype: torch.dtype, merge: bool = True):
+                 export_dtype: torch.dtype, merge: bool = True, pruned: Tensor | None = None):
         super().__init__()
         self.lora = lora
         self.qmin, self.qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
@@ -68,6 +71,9 @@ class QatLinear(nn.Module):
         self.register_buffer("scale0", start, persistent=False)
         self.register_buffer("zero", zero.float(), persistent=False)
         self.merge = merge
+        if pruned is not None and not merge:
+            raise ValueError("a sparsity mask needs merge=True: an adapter apart is dense over the base")
+        self.register_buffer("pruned", pruned, persistent=False)
         if not merge:  # W0 is on the starting grid: its integers are the base, for good
             self.register_buffer("q0", integers(self.base.weight.float(), start, self.zero, self.qmin, self.qmax, gs),
                                  persistent=False)
@@ -80,7 +86,9 @@ class QatLinear(nn.Module):
         return stored(self.log_scale.exp(), self.export_dtype) if self.learn_scales else self.scale0
 
     def merged(self) -> Tensor:
-        return self.base.weight + self.lora.get_delta_weight(self.lora.active_adapters[0])
+        """W0 + (alpha/r) B A [out, in], the pruned entries 0."""
+        w = self.base.weight + self.lora.get_delta_weight(self.lora.active_adapters[0])
+        return w if self.pruned is None else w.masked_fill(self.pruned, 0)
 
     def dequantized(self, q: Tensor, scale: Tensor) -> Tensor:
         """(q - z) s [out, in] float32 (gradients reach a learned scale)."""
@@ -93,6 +101,8 @@ class QatLinear(nn.Module):
             y = F.linear(x, self.dequantized(self.q0, self.scale()).to(x.dtype), self.base.bias)
             return y + self.lora.lora_B[name](self.lora.lora_A[name](x)) * self.lora.scaling[name]
         w = fake_quant(self.merged().float(), self.scale(), self.zero, self.qmin, self.qmax, self.gs)
+        if self.pruned is not None:  # 0 on the grid whatever the zero point (the export writes it there)
+            w = w.masked_fill(self.pruned, 0)
         return F.linear(x, w.to(x.dtype), self.base.bias)
 
     @torch.no_grad()
@@ -114,4 +124,6 @@ class QatLinear(nn.Module):
         scale = self.scale()
         q = self.q0 if not self.merge else integers(self.merged().float(), scale, self.zero, self.qmin, self.qmax,
                                                     self.gs)
+        if self.pruned is not None:  # on the zero point: (z - z) s = 0 exactly
+            q = torch.where(self.pruned, self.zero.repeat_interleave(self.gs, dim=1).to(torch.int8), q)
         return q, scale, self.zero.to(torch.int8), self.dequantized(q, scale)

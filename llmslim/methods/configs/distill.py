@@ -8,5 +8,6 @@ from ...training.config import TrainFields
 
 class DistillConfig(TrainFields):
     """Distillation from the original model (or `teacher`) into what the earlier stages left: logits KL,
-    hidden-state distance and/or LM loss, trained with accelerate, resumable every `save_every` steps."""
+    hidden-state distance and/or LM loss, trained with accelerate, resumable every `save_every` steps. After
+    a sparsity stage (sparsegpt, wanda) the Linears it pruned keep every zero, all weights or LoRA."""
 

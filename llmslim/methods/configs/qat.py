@@ -36,7 +36,8 @@ class QatConfig(TrainFields, QuantFields):
     """true: the adapters are merged into the weights (base grid: training and export use Q(W0 + (alpha/r) B A),
     one model, best quality per byte). false (base grid only): the base integers stay frozen, training
     computes Q(W0) x + (alpha/r) B A x, and the export is that quantized base plus a PEFT LoRA adapter in
-    `qat/` that vLLM serves unmerged (`--enable-lora`); lora.r must then be one of 8, 16, 32, 64, 128, 256."""
+    `qat/` that vLLM serves unmerged (`--enable-lora`); lora.r must then be one of 8, 16, 32, 64, 128, 256.
+    After a sparsity stage only base grid with merge: true keeps its zeros (the others are refused)."""
 
     @model_validator(mode="after")
     def _check_qat(self) -> QatConfig:

@@ -8,8 +8,9 @@ files and continues with the next one; the files become the export's shards.
 
 The export is the model's own dense architecture with the zeros in place: vLLM 0.32 refuses any
 checkpoint whose sparsity_config has targets, so none is written. What follows keeps the zeros: quantizers
-(gptq, rtn, autoround) hold zero weights at exactly zero (PlanState.sparsity tells them), and the plan
-refuses stages that would fill them or change shapes after a sparsity stage.
+(gptq, rtn, autoround) hold zero weights at exactly zero (PlanState.sparsity tells them), training stages
+(distill, qat) keep the pruned Linears' zeros through training (PlanState.sparse_linears names them;
+llmslim.training.masks), and the plan refuses stages that change shapes after a sparsity stage.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ def plan(state: PlanState, cfg: SparsityFields) -> PlanState:
                                                      f"ignore: [{name.rsplit('.', 1)[-1]}], or use unstructured)")
     if not any(targets):
         raise PlanError("ignore", "ignore leaves no Linear to prune")
-    return replace(state, sparsity=cfg.structure)
+    pruned = {f"model.layers.{i}.{name}" for i, ts in enumerate(targets) for t in ts for name in t.names}
+    return replace(state, sparsity=cfg.structure, sparse_linears=tuple(sorted(pruned | set(state.sparse_linears))))
 
 
 # ---------------------------------------------------------------- the stage
