@@ -1,7 +1,8 @@
 """sparsegpt and wanda: the cores against direct references (one-weight OBS update, Wanda's score by definition,
-N:M masks exact per group, SparseGPT's reconstruction error below magnitude pruning and Wanda's), tiny-model runs
-(the sparsity counted in the export, the zeros kept through gptq and through training: distill with all weights or
-LoRA, qat), the recipes refused before anything runs, and a run killed mid-stage that resumes to the same export."""
+N:M masks exact per group, SparseGPT's reconstruction error below magnitude pruning and Wanda's, OWL's outlier
+ratio and layer profile), tiny-model runs (the sparsity counted in the export, per layer under OWL, the zeros kept
+through gptq and through training: distill with all weights or LoRA, qat), the recipes refused before anything
+runs, and a run killed mid-stage that resumes to the same export with the same OWL profile."""
 
 from __future__ import annotations
 
@@ -18,6 +19,8 @@ from tiny_models import add_tokenizer, save_tiny
 
 from llmslim.methods.sparsity.core import (
     magnitude_prune,
+    outlier_ratio,
+    owl_sparsities,
     select_mask,
     sparsegpt_prune,
     wanda_prune,
@@ -114,6 +117,39 @@ def test_select_mask_and_cores_refuse_bad_input():
     with pytest.raises(ValueError, match=r"sparsity must lie in \[0, 1\)"):
         wanda_prune(w, h.diagonal(), 1.0)
     assert int(select_mask(torch.rand(3, 30), 0.0).sum()) == 0
+
+
+def test_outlier_ratio_by_definition():
+    """The share of the layer's scores above M x their mean, the mean taken over all its Linears together."""
+    a, b = torch.ones(2, 4), torch.ones(1, 4)
+    b[0, 0] = 30.0  # scores with unit norms: eleven 1s, one 30 -> mean 41/12 ~ 3.42
+    norms = torch.ones(4)
+    assert outlier_ratio([(a, norms), (b, norms)], 5.0) == pytest.approx(1 / 12)  # 30 > 17.1: one of 12
+    assert outlier_ratio([(a, norms), (b, norms)], 10.0) == 0.0  # 30 < 34.2
+    # the input norms weigh in: column 3's input 100x louder (norm² 1e4) makes its weights the outliers
+    loud = torch.tensor([1.0, 1.0, 1.0, 1e4])
+    assert outlier_ratio([(a, loud), (torch.ones(1, 4), loud)], 2.0) == pytest.approx(3 / 12)
+
+
+def test_owl_profile_bounds_weighted_mean_and_order():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        n = int(torch.randint(2, 40, (1,), generator=g))
+        ratios = (torch.rand(n, generator=g) * 0.05).tolist()
+        weights = torch.randint(1, 10**6, (n,), generator=g).tolist()
+        target, lam = 0.3 + 0.4 * float(torch.rand(1, generator=g)), 0.1 * float(torch.rand(1, generator=g))
+        s = owl_sparsities(ratios, weights, target, lam)
+        assert all(target - lam - 1e-12 <= v <= target + lam + 1e-12 for v in s)
+        assert max(abs(v - target) for v in s) == pytest.approx(lam)  # the farthest layer: exactly lambda away
+        assert sum(v * w for v, w in zip(s, weights)) / sum(weights) == pytest.approx(target, abs=1e-12)
+        order = sorted(range(n), key=lambda i: ratios[i])  # more outliers -> lower sparsity
+        assert all(s[i] >= s[j] for i, j in zip(order, order[1:]))
+    # a big layer counts more: the weighted mean, not the plain one, is the target
+    s = owl_sparsities([0.01, 0.02, 0.03, 0.05], [10, 10, 10, 30], 0.5, 0.08)
+    assert s == pytest.approx([0.58, 0.548, 0.516, 0.452]) and sum(s) / 4 != pytest.approx(0.5)
+    assert owl_sparsities([0.02] * 3, [5, 6, 7], 0.5, 0.08) == [0.5] * 3  # no difference: uniform
+    # a layer with nothing to prune takes no part and gets the target
+    assert owl_sparsities([0.9, 0.01, 0.03], [0, 1, 1], 0.5, 0.1) == pytest.approx([0.5, 0.6, 0.4])
 
 
 # ---------------------------------------------------------------- a tiny model
@@ -231,7 +267,7 @@ def test_quantizers_hold_masked_weights_at_exactly_zero_on_asymmetric_grids():
     assert (rtn.weight[pruned.mask] == 0).all()
 
 
-# ---------------------------------------------------------------- the masks through training
+# ---------------------------------------------------------------- OWL, and the masks through training
 
 
 def _run(tmp: Path, stages: list, layers: int = 2, **extra) -> tuple[Path, Path, dict]:
@@ -245,6 +281,42 @@ def _run(tmp: Path, stages: list, layers: int = 2, **extra) -> tuple[Path, Path,
 
 
 TRAIN = {"data": "calib", "steps": 2, "batch_size": 2, "lr": 1e-3}
+
+
+@pytest.fixture(scope="module")
+def owl_distill_run(tmp_path_factory):
+    """wanda with profile owl (layer 0's down_proj left dense: layers of unequal size), then distill training
+    every weight."""
+    stages = [{"method": "wanda", "data": "calib", "profile": "owl", "owl_threshold": 3, "sparsity": 0.5,
+               "ignore": ["lm_head", "model.layers.0.mlp.down_proj"]},
+              {"method": "distill", **TRAIN, "trainable": "all"}]
+    return _run(tmp_path_factory.mktemp("owl"), stages, layers=4, export={"check": "none"})
+
+
+def test_owl_spreads_the_target_over_layers_and_distill_keeps_every_zero(owl_distill_run):
+    src, out, report = owl_distill_run
+    notes, train = report["stages"][0]["notes"], report["stages"][1]["notes"]
+    layers = notes["layers"]
+    chosen = [d["sparsity"] for d in layers]
+    assert notes["profile"] == "owl" and notes["sparsity_per_layer"] == pytest.approx(chosen, abs=1e-6)
+    assert len(notes["owl"]["outlier_ratio_per_layer"]) == 4 and notes["owl"]["lambda"] == 0.08
+    sizes = [sum(d["weights"] for d in layer["linears"].values()) for layer in layers]
+    assert len(set(sizes)) == 2  # layer 0 is smaller
+    assert sum(s * w for s, w in zip(chosen, sizes)) / sum(sizes) == pytest.approx(0.5, abs=1e-12)
+    assert max(abs(s - 0.5) for s in chosen) == pytest.approx(0.08) and all(abs(s - 0.5) <= 0.08 + 1e-12 for s in chosen)
+    assert notes["sparsity_target"] == 0.5 and notes["sparsity_measured"] == pytest.approx(0.5, abs=0.003)
+    # counted in the export, after training: each row of each Linear of layer l has round(S_l x in) zeros
+    original = {k: v for f in src.glob("*.safetensors") for k, v in load_file(f).items()}
+    for name, w in _exported_linears(out).items():
+        i = int(name.split(".")[2])
+        if name == "model.layers.0.mlp.down_proj.weight":
+            assert not (w == 0).any()  # ignored
+            continue
+        assert ((w == 0).sum(1) == round(chosen[i] * w.shape[1])).all(), name
+        kept = w != 0
+        assert (w[kept] != original[name][kept]).float().mean() > 0.9, name  # wanda moved none: distill did
+    assert train["sparsity_kept"]["zeros_before"] == train["sparsity_kept"]["zeros_kept"] == notes["zeros"]
+    assert train["sparsity_kept"]["zeros_after"] == notes["zeros"] and train["sparsity_kept"]["linears_masked"] == 27
 
 
 def _two_of_four(weights: dict[str, torch.Tensor]) -> None:
@@ -296,6 +368,13 @@ def test_wanda_2_4_then_qat_exports_2_4_integers(tmp_path):
      r"structure '2:4' sets the sparsity to 2/4 = 0.5"),
     ([{"method": "wanda", "data": "calib", "sparsity": [0.5, 0.5]}], {},
      r"stages\[0\]\.sparsity: 2 per-layer sparsities for a model of 4 decoder layers"),
+    ([{"method": "wanda", "data": "calib", "profile": "owl", "structure": "2:4"}], {},
+     r"stages\[0\]: structure '2:4': profile owl varies the sparsity per layer, which N:M fixes"),
+    ([{"method": "sparsegpt", "data": "calib", "profile": "owl", "sparsity": [0.5, 0.5, 0.5, 0.5]}], {},
+     r"stages\[0\]: sparsity: profile owl chooses each layer's sparsity itself around one target"),
+    ([{"method": "wanda", "data": "calib", "profile": "owl", "sparsity": 0.9, "owl_lambda": 0.2}], {},
+     r"owl_lambda 0.2: layers would range over \[0.7, 1.1\]"),
+    ([{"method": "wanda", "data": "calib", "owl_lambda": 0.1}], {}, r"owl_lambda applies to profile: owl only"),
     ([{"method": "wanda", "data": "calib"}, {"method": "qat", "data": "calib", "steps": 2, "merge": False}], {},
      r"stages\[1\]\.merge: merge: false serves the LoRA adapter apart, dense over the base, which would fill"),
     ([{"method": "wanda", "data": "calib"}, {"method": "qat", "data": "calib", "steps": 2, "base": "nf4"}], {},
@@ -320,9 +399,10 @@ def test_bad_sparsity_recipes_are_refused_in_one_line(tiny_tok, tmp_path, stages
 
 
 def test_killed_sparsegpt_resumes_mid_model_with_the_same_export(tmp_path):
+    """Profile owl: the sparsities chosen before the kill are read back, not measured again."""
     src = save_tiny("llama", tmp_path / "model")
     add_tokenizer(src)
-    stages = [{"method": "sparsegpt", "data": "calib", "structure": "4:8"}]
+    stages = [{"method": "sparsegpt", "data": "calib", "profile": "owl", "sparsity": 0.6, "owl_threshold": 3}]
     recipes = {}
     for name in ("a", "b"):
         (tmp_path / name).mkdir()
@@ -333,13 +413,15 @@ def test_killed_sparsegpt_resumes_mid_model_with_the_same_export(tmp_path):
     rc, log = run_cli("run", str(recipes["b"]), "--quiet", env={"LLMSLIM_CRASH_AT": "sparsity.layer:2"})
     assert rc != 0
     scratch = tmp_path / "b" / "out.work" / "stages" / "00-sparsegpt.scratch"
-    assert len(list(scratch.glob("layer-*.safetensors"))) == 2
+    assert len(list(scratch.glob("layer-*.safetensors"))) == 2 and (scratch / "owl-profile.json").is_file()
     rc, log = run_cli("run", str(recipes["b"]), "--quiet")
     assert rc == 0, log
     assert "2 of 4 layers were pruned by an earlier run; continuing at layer 2" in log
+    assert "reusing the OWL profile an earlier run chose" in log
     a = {k: v for f in (tmp_path / "a" / "out").glob("*.safetensors") for k, v in load_file(f).items()}
     b = {k: v for f in (tmp_path / "b" / "out").glob("*.safetensors") for k, v in load_file(f).items()}
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    rb = json.loads((tmp_path / "b" / "out" / "llmslim_report.json").read_text())
-    assert rb["stages"][0]["notes"]["layers_from_earlier_run"] == 2
-    assert rb["stages"][0]["notes"]["sparsity_measured"] == 0.5
+    ra, rb = (json.loads((tmp_path / n / "out" / "llmslim_report.json").read_text())["stages"][0]["notes"]
+              for n in ("a", "b"))
+    assert rb["layers_from_earlier_run"] == 2 and rb["sparsity_per_layer"] == ra["sparsity_per_layer"]
+    assert len(set(rb["sparsity_per_layer"])) == 4 and rb["sparsity_measured"] == pytest.approx(0.6, abs=0.005)

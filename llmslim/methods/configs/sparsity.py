@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field, model_validator
 
 from .base import MethodConfig
@@ -38,6 +40,18 @@ class SparsityFields(MethodConfig):
     """Linear modules to leave dense, as gptq's `ignore`: a name suffix (`down_proj`,
     `model.layers.0.mlp.down_proj`) or `re:` plus a regex matched against the whole name. Embeddings,
     lm_head and norms are never pruned."""
+    profile: Literal["uniform", "owl"] = "uniform"
+    """How the sparsity is spread over the decoder layers: uniform (`sparsity` in every layer, or the
+    per-layer list), or owl (Outlier Weighed Layerwise sparsity, Yin et al. 2024): layers with more
+    outlier weights (Wanda score above `owl_threshold` x their layer's mean) are pruned less, each layer
+    within `owl_lambda` of `sparsity`, their mean weighted by prunable weights equal to `sparsity`;
+    unstructured and one fraction only. The chosen sparsities are in the stage notes."""
+    owl_threshold: float = Field(default=5.0, gt=0)
+    """profile owl: a weight is an outlier when its Wanda score |W_ij| x ||X_j|| exceeds this multiple of
+    the mean score of its decoder layer (the paper's M)."""
+    owl_lambda: float = Field(default=0.08, ge=0, lt=1)
+    """profile owl: the largest deviation of a layer's sparsity from `sparsity` (the paper's lambda); the
+    layer with the most (or fewest) outliers sits exactly this far from it."""
 
     @model_validator(mode="after")
     def _check(self) -> SparsityFields:
@@ -53,7 +67,26 @@ class SparsityFields(MethodConfig):
                 raise ValueError(f"structure {self.structure!r} sets the sparsity to {nm[0]}/{nm[1]} = "
                                  f"{nm[0] / nm[1]:g}; leave sparsity out or give that value")
         check_patterns([(f"ignore[{i}]", p) for i, p in enumerate(self.ignore)])
+        self._check_profile(nm)
         return self
+
+    def _check_profile(self, nm: tuple[int, int] | None) -> None:
+        if self.profile == "uniform":
+            given = sorted({"owl_threshold", "owl_lambda"} & self.model_fields_set)
+            if given:
+                raise ValueError(f"{given[0]} applies to profile: owl only; add profile: owl or leave it out")
+            return
+        # the checks name the field, as `profile: owl` is what conflicts with it
+        if nm is not None:
+            raise ValueError(f"structure {self.structure!r}: profile owl varies the sparsity per layer, which "
+                             "N:M fixes at N/M everywhere; use unstructured, or profile: uniform")
+        if isinstance(self.sparsity, list):
+            raise ValueError("sparsity: profile owl chooses each layer's sparsity itself around one target; give "
+                             "one fraction, or profile: uniform for an explicit per-layer list")
+        lo, hi = self.sparsity - self.owl_lambda, self.sparsity + self.owl_lambda
+        if lo < 0 or hi >= 1:
+            raise ValueError(f"owl_lambda {self.owl_lambda:g}: layers would range over [{lo:g}, {hi:g}] around "
+                             f"sparsity {self.sparsity:g}, outside [0, 1); use a smaller owl_lambda")
 
     def nm(self) -> tuple[int, int] | None:
         """(N, M) of an N:M structure, None when unstructured."""

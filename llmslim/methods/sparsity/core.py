@@ -5,10 +5,15 @@ Masks are boolean [out, in], True where the weight is pruned (set to exactly zer
 - unstructured: any weights; wanda and magnitude compare within each output row, SparseGPT within a
   block of columns (all rows together, as its adaptive mask selection does);
 - N:M: in each row, N of every M consecutive input columns (columns mM .. mM+M-1) are pruned.
+
+OWL (Yin et al. 2024) spreads an unstructured sparsity over the decoder layers: `outlier_ratio` measures a
+layer's share of outlier weights, `owl_sparsities` turns the layers' shares into their sparsities.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -151,3 +156,38 @@ def magnitude_prune(W: Tensor, sparsity: float, nm: tuple[int, int] | None = Non
     mask = select_mask(W.abs(), sparsity, nm)
     weight = W.masked_fill(mask, 0)
     return PruneResult(weight, mask, _loss(W, weight, H))
+
+
+@torch.no_grad()
+def outlier_ratio(linears: Sequence[tuple[Tensor, Tensor]], threshold: float) -> float:
+    """OWL's layer outlier ratio D: the share of a decoder layer's weights whose Wanda score (`wanda_scores`
+    of each (W [out, in], input squared norms [in]) pair) exceeds `threshold` x the mean score over all of
+    the layer's pruned Linears together (one mean per layer, as the paper's code). Scores are computed
+    twice (mean, then count) rather than held: one Linear's float64 scores at a time."""
+    total = sum(float(wanda_scores(W, norms).sum()) for W, norms in linears)
+    count = sum(W.numel() for W, _ in linears)
+    if not count:
+        return 0.0
+    bar = threshold * total / count
+    return sum(int((wanda_scores(W, norms) > bar).sum()) for W, norms in linears) / count
+
+
+def owl_sparsities(ratios: Sequence[float], weights: Sequence[int], target: float, lam: float) -> list[float]:
+    """Per-layer sparsities from the layers' outlier ratios D_l: S_l = target - lam x c_l / max_k |c_k|, with
+    c_l = D_l minus the mean of D weighted by each layer's prunable weight count `weights`. So more
+    outliers -> lower sparsity, every S_l lies in [target - lam, target + lam] (the farthest layer exactly
+    lam away), and the weighted mean of S is the target (the weighted mean of c is 0). The paper's code
+    min-max scales D to [0, 2 lam] and then centres it with an unweighted mean, which can put one layer
+    nearly 2 lam from the target and misses the target when layers differ in size. Layers with no
+    prunable weight (everything ignored) get the target and take no part. All equal: uniform."""
+    if len(ratios) != len(weights):
+        raise ValueError(f"{len(ratios)} outlier ratios for {len(weights)} layer weights")
+    mass = math.fsum(weights)
+    if not mass:
+        return [target] * len(ratios)
+    mean = math.fsum(d * w for d, w in zip(ratios, weights)) / mass
+    centred = [d - mean if w else 0.0 for d, w in zip(ratios, weights)]
+    spread = max(abs(c) for c in centred)
+    if spread == 0:
+        return [target] * len(ratios)
+    return [target - lam * c / spread for c in centred]
