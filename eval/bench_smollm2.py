@@ -605,9 +605,10 @@ def sparse_report(args: argparse.Namespace, result: dict[str, Any]) -> dict[str,
                   "prune section's budget)" if distilled else "") + "; stage s: all stages; zeros over the decoder "
                  "Linears counted in a dense export (-: a packed quantized one):\n\n" +
                  table(["row", "stages", "perplexity", "stage s", "peak RSS MiB", "zeros"], combos))
-    for what, why in (result.get("skipped") or {}).items():
-        if what not in cells and not (what == "owl columns" and result.get("owl")):  # a later part ran it
-            text += f"\n\n- {what}: skipped ({why})"
+    notes = [f"- {what}: skipped ({why})" for what, why in (result.get("skipped") or {}).items()
+             if what not in cells and not (what == "owl columns" and result.get("owl"))]  # not run by a later part
+    if notes:
+        text += "\n\n" + "\n".join(notes)
     here, reported = result.get("original_measured_here"), result.get("original")
     if here is not None and reported is not None:  # anchors are measured here, ours in the pipeline: same tokens?
         checks[f"the original measured here ({here:.4f}) and in our runs' reports ({reported:.4f}) agree"] = \
