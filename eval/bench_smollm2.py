@@ -245,7 +245,8 @@ def memory(args: argparse.Namespace) -> dict[str, Any]:
 def serve(args: argparse.Namespace) -> dict[str, Any]:
     from serve_check import check_served
 
-    exports = sorted(p.parent for p in args.work.glob("*/llmslim_report.json") if not p.parent.name.startswith("cost"))
+    exports = sorted(p.parent for p in args.work.glob("*/llmslim_report.json")  # the eora and sparse sections'
+                     if not p.parent.name.startswith(("cost", "eora-", "sparse-")))  # exports have their own checks
     results = {p.name: check_served(p) for p in [args.model, *exports]}
     pruned = [str(args.work / n) for n in results if n.startswith("prune")]
     tput = None
