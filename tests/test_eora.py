@@ -175,6 +175,22 @@ def test_gptq_then_eora_lowers_every_objective_and_brings_the_model_closer(eora_
     assert float((corrected - want).pow(2).mean()) < 0.97 * float((base - want).pow(2).mean())
 
 
+def test_perplexity_measures_the_export_with_its_adapter(eora_run):
+    """llmslim's eval (the recipe's `eval: perplexity` and `llmslim eval`) loads the packed base dense and adds the
+    corrections: the logits peft computes over the base, not the base's."""
+    from llmslim.check import load_for_check, transformers_model
+    from llmslim.evaluate.harness import load_for_perplexity
+
+    _, out, _ = eora_run
+    model, act = load_for_perplexity(out, torch.float32)
+    ids = torch.randint(3, 512, (2, 32), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        got, peft, base = model(ids).logits, transformers_model(out)(ids).logits, load_for_check(out)(ids).logits
+    assert act is None
+    torch.testing.assert_close(got, peft, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(got, base, atol=1e-3)
+
+
 def test_the_export_report_records_the_adapter_files(eora_run):
     _, out, report = eora_run
     files = {f["path"] if isinstance(f, dict) else f for f in report["export"]["files"]}

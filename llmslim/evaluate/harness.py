@@ -23,6 +23,7 @@ import logging
 import re
 import shlex
 import sys
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -129,13 +130,21 @@ def load_for_perplexity(model_dir: Path, dtype: str | torch.dtype) -> tuple[Any,
 
     gpu = gpu_available()
     torch_dtype: Any = perplexity_dtype(dtype, gpu)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype).eval()
     lora = adapter_dir(model_dir)
+    q = _quantization(model_dir)
+    extra: dict[str, Any] = {}
+    if lora is not None and q is not None:  # packed Linears have no dense weight to add the corrections to:
+        from transformers import CompressedTensorsConfig
+
+        # decoded to dense once at load (the values the packed forward decodes), as check.transformers_model does
+        extra["quantization_config"] = CompressedTensorsConfig(run_compressed=False)
+    with warnings.catch_warnings():  # "the checkpoint's quantization_config wins": run_compressed=False is kept
+        warnings.filterwarnings("ignore", message="You passed `quantization_config`", category=UserWarning)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype, **extra).eval()
     if lora is not None:  # an eora export is measured with its corrections (what serving it with the adapter computes)
         merge_into(model, lora)
     if gpu:
         model = model.to("cuda")
-    q = _quantization(model_dir)
     if q is None or _weight_bits(q)[1] != 8:
         return model, None
     from ..formats.compressed import emulate_activation_quant
