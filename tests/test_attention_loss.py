@@ -47,6 +47,18 @@ def test_chunked_relation_kl_matches_plain_autograd(dtype, rows, heads):
     torch.testing.assert_close(grad.float(), want_grad, rtol=rtol, atol=atol)
 
 
+def test_bf16_autocast_leaves_the_math_in_float32():
+    """Under mixed precision (bf16 autocast, the default on a GPU) the blocks stay float32: the same value
+    and gradient as without it."""
+    s, t = _inputs(torch.bfloat16, seed=5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = relations.relation_kl(s, t, 3, rows=16)
+    (grad,) = torch.autograd.grad(got, s)
+    want = relations.relation_kl(s, t, 3, rows=16)
+    (want_grad,) = torch.autograd.grad(want, s)
+    assert got.dtype == torch.float32 and torch.equal(got.detach(), want.detach()) and torch.equal(grad, want_grad)
+
+
 def test_relation_kl_by_hand():
     """Two tokens, width 2, one relation head: row 0 sees only itself (KL 0); row 1 is softmax(a1 . a0,
     a1 . a1) / sqrt(2) on each side. The relation ignores the scale of the whole projection only through

@@ -239,9 +239,9 @@ def test_fsdp_over_two_processes_trains_like_one(tiny_tok, tmp_path):
     # init rtn: GPTQ's error feedback would turn the float noise of the weights it starts from into many
     # flipped integers (seen: up to a third of the last layer's words), the same in DDP or on one process
     qat = {"method": "qat", "data": "train", "init": "rtn", "steps": 3, "batch_size": 8, "lr": 1e-2,
-           "save_every": 2, "bits": 4, "group_size": 32, "lora": {"r": 4, "alpha": 8}}
-    stages = [PRUNE[1], distill(steps=4, grad_accum=2, save_every=2, eval_data="heldout",
-                                loss={"logits": 1.0, "attention": 1.0}),  # q/k/v hooks inside sharded layers
+           "save_every": 2, "bits": 4, "group_size": 32, "lora": {"r": 4, "alpha": 8},
+           "loss": {"logits": 1.0, "attention": 1.0}}  # q/k/v hooks on fake-quantized LoRA layers, sharded
+    stages = [PRUNE[1], distill(steps=4, grad_accum=2, save_every=2, eval_data="heldout"),
               distill(steps=3, trainable="lora", lora={"r": 4, "alpha": 8}, lr=1e-2, save_every=2), qat]
     one = run(parse_recipe(recipe(tmp_path / "one", model, stages)))
     path = tmp_path / "two" / "r.yaml"
@@ -260,6 +260,7 @@ def test_fsdp_over_two_processes_trains_like_one(tiny_tok, tmp_path):
         assert [p["loss"] for p in n2["curve"]] == pytest.approx([p["loss"] for p in n1["curve"]], rel=rel)
         assert [e["ppl"] for e in n2.get("eval", [])] == pytest.approx([e["ppl"] for e in n1.get("eval", [])],
                                                                        rel=rel)
+    assert "attention" in two["stages"][3]["notes"]["curve"][0]
     a, b = Checkpoint(one["output"]), Checkpoint(tmp_path / "two" / "out")
     ta, tb = a.read(a.names), b.read(b.names)
     assert ta.keys() == tb.keys() and "model.embed_tokens.weight" in ta

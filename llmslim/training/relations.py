@@ -141,7 +141,7 @@ class _RelationKL(torch.autograd.Function):
         a_s, a_t = _heads(student, heads), _heads(teacher, heads)
         bufs = _buffers(a_s, rows, 3)
         b, n = student.shape[:2]
-        scale = float(grad_out) / (b * heads * n * math.sqrt(a_s.shape[-1]))
+        scale = 1.0 / (b * heads * n * math.sqrt(a_s.shape[-1]))  # grad_out joins at the end (no device sync)
         grad = torch.zeros_like(a_s)  # [B x R, S, d] float32
         for i0 in range(0, n, rows):
             i1 = min(n, i0 + rows)
@@ -152,6 +152,7 @@ class _RelationKL(torch.autograd.Function):
             g = ps.sub_(pt)  # p_s - p_t: d loss / d logits (0 after the row's own column)
             grad[:, i0:i1].baddbmm_(g, a_s[:, :i1], alpha=scale)  # the rows' own vectors
             grad[:, :i1].baddbmm_(g.transpose(1, 2), a_s[:, i0:i1], alpha=scale)  # the columns they looked at
+        grad.mul_(grad_out.float())
         d = a_s.shape[-1]
         return grad.view(b, heads, n, d).transpose(1, 2).reshape(student.shape).to(student.dtype), None, None, None
 
@@ -167,7 +168,8 @@ def relation_kl(student: Tensor, teacher: Tensor, heads: int, *, rows: int = ROW
     if student.shape[-1] % heads or teacher.shape[-1] % heads:
         raise ValueError(f"{heads} relation heads do not divide the widths {student.shape[-1]} (student) and "
                          f"{teacher.shape[-1]} (teacher)")
-    return _RelationKL.apply(student, teacher.detach(), int(heads), int(rows))
+    with torch.autocast(student.device.type, enabled=False):  # float32 blocks, whatever the caller's autocast
+        return _RelationKL.apply(student, teacher.detach(), int(heads), int(rows))
 
 
 def relation_kl_reference(student: Tensor, teacher: Tensor, heads: int) -> Tensor:
