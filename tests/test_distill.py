@@ -239,7 +239,8 @@ def test_fsdp_over_two_processes_trains_like_one(tiny_tok, tmp_path):
     # init rtn: GPTQ's error feedback would turn the float noise of the weights it starts from into many
     # flipped integers (seen: up to a third of the last layer's words), the same in DDP or on one process
     qat = {"method": "qat", "data": "train", "init": "rtn", "steps": 3, "batch_size": 8, "lr": 1e-2,
-           "save_every": 2, "bits": 4, "group_size": 32, "lora": {"r": 4, "alpha": 8}}
+           "save_every": 2, "bits": 4, "group_size": 32, "lora": {"r": 4, "alpha": 8},
+           "loss": {"logits": 1.0, "attention": 1.0}}  # q/k/v hooks on fake-quantized LoRA layers, sharded
     stages = [PRUNE[1], distill(steps=4, grad_accum=2, save_every=2, eval_data="heldout"),
               distill(steps=3, trainable="lora", lora={"r": 4, "alpha": 8}, lr=1e-2, save_every=2), qat]
     one = run(parse_recipe(recipe(tmp_path / "one", model, stages)))
@@ -259,6 +260,7 @@ def test_fsdp_over_two_processes_trains_like_one(tiny_tok, tmp_path):
         assert [p["loss"] for p in n2["curve"]] == pytest.approx([p["loss"] for p in n1["curve"]], rel=rel)
         assert [e["ppl"] for e in n2.get("eval", [])] == pytest.approx([e["ppl"] for e in n1.get("eval", [])],
                                                                        rel=rel)
+    assert "attention" in two["stages"][3]["notes"]["curve"][0]
     a, b = Checkpoint(one["output"]), Checkpoint(tmp_path / "two" / "out")
     ta, tb = a.read(a.names), b.read(b.names)
     assert ta.keys() == tb.keys() and "model.embed_tokens.weight" in ta
@@ -278,25 +280,36 @@ def test_offloaded_teacher_computes_what_the_teacher_in_memory_does(tiny):
 
     ckpt = Checkpoint(tiny("qwen3"))
     tokens = torch.randint(3, 512, (2, 24), generator=torch.Generator().manual_seed(0))
-    in_memory = Teacher(ckpt, torch.float32, torch.device("cpu"), layers=[0, 2])
-    offloaded = Teacher(ckpt, torch.float32, torch.device("cpu"), offload=True, layers=[0, 2])
-    (l1, h1), (l2, h2) = in_memory(tokens), offloaded(tokens)
+    in_memory = Teacher(ckpt, torch.float32, torch.device("cpu"), layers=[0, 2], qkv_layers=[0, 2])
+    offloaded = Teacher(ckpt, torch.float32, torch.device("cpu"), offload=True, layers=[0, 2], qkv_layers=[0, 2])
+    (l1, h1, p1), (l2, h2, p2) = in_memory(tokens), offloaded(tokens)
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
     assert set(h1) == set(h2) == {0, 2}
     for i in h1:
         torch.testing.assert_close(h1[i], h2[i], rtol=1e-5, atol=1e-5)
+    # the q/k/v projections of the attention term, hooked on each layer as the offloaded teacher loads it
+    assert set(p1) == set(p2) == {0, 2} and all(set(p1[i]) == {"q_proj", "k_proj", "v_proj"} for i in p1)
+    for i in p1:
+        for name in p1[i]:
+            torch.testing.assert_close(p1[i][name], p2[i][name], rtol=1e-5, atol=1e-5)
+    assert p1[2]["q_proj"].shape == (2, 24, 128) and p1[2]["k_proj"].shape == (2, 24, 64)  # GQA: 2 KV heads of 4
+    with torch.no_grad():  # the projections themselves, before RoPE (and Qwen3's q/k norms)
+        m = in_memory.model.model
+        attn, x = m.layers[0].self_attn, m.layers[0].input_layernorm(m.embed_tokens(tokens))
+        for name in ("q_proj", "k_proj", "v_proj"):
+            torch.testing.assert_close(p1[0][name], getattr(attn, name)(x), rtol=1e-6, atol=1e-6)
     assert "one layer at a time" in offloaded.describe()
     assert all(p.is_meta for p in offloaded.lazy.layers[1].parameters())  # nothing kept between calls
 
 
 def test_gradient_checkpointing_and_teacher_offload_train_the_same(tiny_tok, tmp_path):
-    base = distill(steps=3, loss={"logits": 1.0, "hidden": 0.5})
+    base = distill(steps=3, loss={"logits": 1.0, "hidden": 0.5, "attention": 1.0})
     plain = run(parse_recipe(recipe(tmp_path / "a", tiny_tok("llama"), [PRUNE[1], base])))
     other = run(parse_recipe(recipe(tmp_path / "b", tiny_tok("llama"),
                                     [PRUNE[1], {**base, "gradient_checkpointing": True, "teacher_offload": True}])))
     ca, cb = plain["stages"][1]["notes"]["curve"], other["stages"][1]["notes"]["curve"]
     assert [p["loss"] for p in ca] == pytest.approx([p["loss"] for p in cb], rel=1e-4)
-    assert "one layer at a time" in other["stages"][1]["peak_note"]
+    assert "one layer at a time" in other["stages"][1]["peak_note"] and "attention" in ca[0]
 
 
 # ---------------------------------------------------------------- refusals

@@ -63,7 +63,7 @@ def test_offloaded_teacher_computes_what_the_teacher_in_memory_does(tiny):
     ckpt = Checkpoint(tiny("gemma3"))
     in_memory = Teacher(ckpt, torch.float32, torch.device("cpu"), layers=[0, 1, 3])
     offloaded = Teacher(ckpt, torch.float32, torch.device("cpu"), offload=True, layers=[0, 1, 3])
-    (l1, h1), (l2, h2) = in_memory(IDS), offloaded(IDS)
+    (l1, h1, _), (l2, h2, _) = in_memory(IDS), offloaded(IDS)
     torch.testing.assert_close(l1, l2, rtol=1e-5, atol=1e-5)
     for i in (0, 1, 3):
         torch.testing.assert_close(h1[i], h2[i], rtol=1e-5, atol=1e-5)

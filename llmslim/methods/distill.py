@@ -5,9 +5,11 @@ The student is the stage's input (what the earlier stages left); the teacher is 
 llmslim.training.student (shared with qat); width pruning keeps hidden_size, so hidden states compare
 directly. trainable: all trains every weight in float32; lora trains peft adapters and merges them
 before the checkpoint is written. After a sparsity stage the Linears it pruned keep their zeros, in
-training and in the checkpoint (llmslim.training.masks), counted in the notes. The plan refuses a teacher with another vocabulary or tokenizer, a
-hidden term with no mappable layers, and a `hidden_layers` pair naming a layer the student (as the
-earlier stages leave it) or the teacher (the recipe's model as loaded, or `teacher:`) does not have.
+training and in the checkpoint (llmslim.training.masks), counted in the notes. The plan refuses a teacher
+with another vocabulary or tokenizer, a hidden term with no mappable layers, a `hidden_layers` pair naming
+a layer the student (as the earlier stages leave it) or the teacher (the recipe's model as loaded, or
+`teacher:`) does not have, and an attention term whose relation heads do not divide both sides' q/k/v
+widths (`check_attention`, qat's plan too).
 """
 
 from __future__ import annotations
@@ -24,8 +26,9 @@ from ..errors import UserError
 from ..loading import has_tokenizer, resolve_model
 from ..plan import PlanError, PlanState
 from ..stage import StageContext, StageResult
+from ..training.config import TrainFields
 from ..training.masks import apply_masks, merge_masked, sparse_masks, zero_counts
-from ..training.student import train_student
+from ..training.student import attention_shape, train_student
 from .configs.distill import DistillConfig
 
 log = logging.getLogger(__name__)
@@ -59,13 +62,15 @@ def plan(state: PlanState, cfg: DistillConfig) -> PlanState:
                                        f"{shape.vocab}: distillation needs the same tokenizer")
         teacher_layers, teacher_hidden = tc.num_hidden_layers, tc.hidden_size
         _check_tokenizers(state.source_dir, Path(resolve_model(cfg.teacher, field="teacher")))
-    if cfg.loss.hidden:
-        if teacher_hidden is not None and teacher_hidden != shape.hidden:
-            raise PlanError("loss", f"loss.hidden {cfg.loss.hidden}: no mappable layers: the teacher's hidden size is "
-                                    f"{teacher_hidden} and the student's {shape.hidden}")
+    if cfg.loss.hidden and teacher_hidden is not None and teacher_hidden != shape.hidden:
+        raise PlanError("loss", f"loss.hidden {cfg.loss.hidden}: no mappable layers: the teacher's hidden size is "
+                                f"{teacher_hidden} and the student's {shape.hidden}")
+    check_attention(state, cfg)
+    if cfg.loss.hidden or cfg.loss.attention:
         if cfg.hidden_layers is not None:
             if not cfg.hidden_layers:
-                raise PlanError("hidden_layers", "hidden_layers is empty but loss.hidden is on: map at least one "
+                term = "loss.hidden" if cfg.loss.hidden else "loss.attention"
+                raise PlanError("hidden_layers", f"hidden_layers is empty but {term} is on: map at least one "
                                                  "student layer to a teacher layer, or leave it out for the default")
             for s, t in cfg.hidden_layers.items():
                 if not 0 <= s < shape.layers:
@@ -76,6 +81,20 @@ def plan(state: PlanState, cfg: DistillConfig) -> PlanState:
                     raise PlanError("hidden_layers", f"teacher layer {t} does not exist ({who} has "
                                                      f"{teacher_layers} layers)")
     return state
+
+
+def check_attention(state: PlanState, cfg: TrainFields) -> None:
+    """With loss.attention on: the relation heads divide the q/k/v widths of the student (as the earlier
+    stages leave it) and the teacher, one line when not (distill's plan and qat's)."""
+    if not cfg.loss.attention:
+        return
+    teacher = _teacher_config(cfg.teacher) if cfg.teacher is not None else state.original
+    if teacher is None:
+        return
+    try:
+        attention_shape(cfg, state.config, teacher)
+    except ValueError as e:
+        raise PlanError("attention_relation_heads", str(e)) from None
 
 
 def _check_tokenizers(student_dir: Path | None, teacher_dir: Path) -> None:

@@ -49,6 +49,7 @@ from ..training.student import train_student
 from . import gptq
 from .configs.gptq import GptqConfig, QuantFields
 from .configs.qat import QatConfig
+from .distill import check_attention
 from .gptq.core import hold_zeros, rtn_quantize
 from .gptq.format import QuantFormat, disk_name
 from .gptq.layer import collect_hessians, quantize_matrix, scheme_for
@@ -60,6 +61,7 @@ log = logging.getLogger(__name__)
 
 
 def plan(state: PlanState, cfg: QatConfig) -> PlanState:
+    check_attention(state, cfg)
     if state.adapter.is_moe:
         raise PlanError("base", f"{state.config.model_type}: qat trains LoRA adapters on Linear layers and MoE "
                                 "experts are fused parameters; quantize MoE models with gptq or rtn")

@@ -23,6 +23,10 @@ class LossWeights(BaseModel):
     """Distance between mapped student and teacher hidden states (see `hidden_layers`, `hidden_kind`)."""
     lm: float = Field(default=0.0, ge=0)
     """Next-token cross-entropy on the training text (plain fine-tuning when alone)."""
+    attention: float = Field(default=0.0, ge=0)
+    """Attention transfer (MiniLMv2): KL between the teacher's and the student's self-attention relations
+    softmax(A A^T / sqrt(d)) of the q/k/v projections (Q-Q, K-K, V-V, causal) at the layers of the hidden
+    term, cut into `attention_relation_heads` relation heads, so that students with fewer heads compare."""
     balance: float = Field(default=0.0, ge=0)
     """MoE students: the load-balancing loss of Switch Transformer and Mixtral (E x sum over experts of the
     share of tokens routed to the expert x its mean router probability, averaged over the MoE layers; 1
@@ -67,7 +71,7 @@ class TrainFields(MethodConfig):
     max_grad_norm: float | None = Field(default=1.0, gt=0)
     """Gradient clipping by global norm; null: none."""
     loss: LossWeights = LossWeights()
-    """Weights of the loss terms, e.g. {logits: 1.0, hidden: 0.0, lm: 0.0}."""
+    """Weights of the loss terms, e.g. {logits: 1.0, hidden: 0.0, attention: 0.0, lm: 0.0}."""
     temperature: float = Field(default=1.0, gt=0)
     """Softmax temperature of the logits term (the loss is scaled by T^2)."""
     reverse_kl: float = Field(default=0.0, ge=0, le=1)
@@ -75,9 +79,13 @@ class TrainFields(MethodConfig):
     hidden_kind: Literal["nmse", "cosine"] = "nmse"
     """Hidden-state distance: normalised MSE ||s - t||^2 / ||t||^2, or 1 - cosine similarity."""
     hidden_layers: dict[int, int] | None = None
-    """Student layer -> teacher layer pairs for the hidden term, compared at the layers' outputs; null: every
-    student layer with the teacher layer it came from (after drop_layers: the kept ones, as recorded in the
-    stage notes)."""
+    """Student layer -> teacher layer pairs for the hidden term (compared at the layers' outputs) and the
+    attention term (at their q/k/v projections); null: every student layer with the teacher layer it came
+    from (after drop_layers: the kept ones, as recorded in the stage notes)."""
+    attention_relation_heads: int | None = Field(default=None, gt=0)
+    """Relation heads of the attention term: each of q, k, v is cut into this many equal slices on both
+    sides, so it must divide both sides' q/k/v widths (heads x head_dim, KV heads for k and v); null: the
+    largest number up to the fewer KV heads of the two that does."""
     teacher: str | None = None
     """The teacher: null for the recipe's model as loaded before the first stage, or a local directory / Hub
     id of a model of the same family and vocabulary."""
@@ -110,12 +118,15 @@ class TrainFields(MethodConfig):
     def _check_training(self) -> TrainFields:
         if self.batch_size % self.grad_accum:
             raise ValueError(f"batch_size {self.batch_size} is not a multiple of grad_accum {self.grad_accum}")
-        if not (self.loss.logits or self.loss.hidden or self.loss.lm):
-            raise ValueError("loss: every term has weight 0; give logits, hidden or lm a positive weight")
+        if not (self.loss.logits or self.loss.hidden or self.loss.attention or self.loss.lm):
+            raise ValueError("loss: every term has weight 0; give logits, hidden, attention or lm a positive weight")
         if self.warmup >= self.steps:
             raise ValueError(f"warmup ({self.warmup}) must be shorter than steps ({self.steps})")
         if self.teacher_topk is not None and self.loss.hidden:
             raise ValueError("teacher_topk caches logits only: it cannot serve the hidden term; set loss.hidden 0")
+        if self.teacher_topk is not None and self.loss.attention:
+            raise ValueError("teacher_topk caches logits only: it cannot serve the attention term; set "
+                             "loss.attention 0 or drop teacher_topk")
         if self.teacher_topk is not None and self.reverse_kl:
             # the reverse KL needs the teacher's log-probability at every token the student puts mass on; a
             # top-k teacher has none outside its k tokens, so the term would be infinite (or silently dropped)
@@ -134,4 +145,4 @@ class TrainFields(MethodConfig):
 
     @property
     def uses_teacher(self) -> bool:
-        return bool(self.loss.logits or self.loss.hidden)
+        return bool(self.loss.logits or self.loss.hidden or self.loss.attention)

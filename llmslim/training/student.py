@@ -3,9 +3,10 @@
 distill and qat both call `train_student`; they differ in what the student is (the model the earlier
 stages left, or that model with its Linears fake-quantized on an export grid) and in what they write.
 Loss = logits x KL(teacher || student) at temperature T (x T^2) + hidden x distance of mapped hidden
-states + lm x cross-entropy (llmslim.training.losses). The hidden term compares student layer j's
-output with the output of the teacher layer it came from: after drop_layers, the kept layers' original
-indices, composed over every drop_layers stage before this one (`layer_origin`), or `hidden_layers:`.
+states + attention x KL of their self-attention relations (llmslim.training.relations) + lm x
+cross-entropy (llmslim.training.losses). The hidden and attention terms compare student layer j with the
+teacher layer it came from: after drop_layers, the kept layers' original indices, composed over every
+drop_layers stage before this one (`layer_origin`), or `hidden_layers:`.
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..adapters import Adapter
 from ..checkpoint import Checkpoint
 from ..loading import resolve_model
 from ..stage import StageContext
-from . import losses
+from . import losses, relations
 from .config import TrainFields
 from .loop import TrainResult, train
 from .teacher import Teacher, TopKCache, collect_layer_outputs
@@ -45,7 +47,8 @@ def default_mapping(history: list[dict[str, Any]], n_student: int, n_teacher: in
     return dict(enumerate(origin))
 
 
-def make_loss(cfg: TrainFields, teacher: Teacher | None, cache: TopKCache | None, mapping: dict[int, int]):
+def make_loss(cfg: TrainFields, teacher: Teacher | None, cache: TopKCache | None, mapping: dict[int, int],
+              relation_heads: int = 1):
     """The loss function of llmslim.training.loop for these weights: (model, window ids, tokens) -> loss."""
     wanted = sorted(mapping)
 
@@ -53,15 +56,17 @@ def make_loss(cfg: TrainFields, teacher: Teacher | None, cache: TopKCache | None
         core: Any = model.module if hasattr(model, "module") else model  # DDP wraps the model
         layers = decoder_layers(core)
         store, handles = collect_layer_outputs(layers, wanted if cfg.loss.hidden else [])
+        qkv, more = relations.collect_projections(layers, wanted if cfg.loss.attention else [])
         try:
             out = model(input_ids=tokens, use_cache=False, **({"output_router_logits": True} if cfg.loss.balance else {}))
             logits = out.logits
         finally:
-            for h in handles:
+            for h in handles + more:
                 h.remove()
         total = logits.new_zeros((), dtype=torch.float32)
         terms: dict[str, float] = {}
-        if cfg.loss.logits or cfg.loss.hidden:
+        if cfg.uses_teacher:
+            t_qkv: dict[int, dict[str, Tensor]] = {}
             if cache is not None:
                 values, indices = cache.get(teacher, ids, tokens)
                 kl = losses.kl_topk(logits, values.to(logits.device), indices.to(logits.device),
@@ -69,7 +74,7 @@ def make_loss(cfg: TrainFields, teacher: Teacher | None, cache: TopKCache | None
                 t_hidden: dict[int, Tensor] = {}
             else:
                 assert teacher is not None
-                t_logits, t_hidden = teacher(tokens)
+                t_logits, t_hidden, t_qkv = teacher(tokens)
                 kl = (losses.kl_logits(logits, t_logits, temperature=cfg.temperature, reverse=cfg.reverse_kl,
                                        chunk=cfg.logits_chunk) if cfg.loss.logits else logits.new_zeros(()))
             if cfg.loss.logits:
@@ -80,6 +85,10 @@ def make_loss(cfg: TrainFields, teacher: Teacher | None, cache: TopKCache | None
                                  for s, t in mapping.items()]).mean()
                 total = total + cfg.loss.hidden * h
                 terms["hidden"] = float(h.detach())
+            if cfg.loss.attention:
+                a = relations.attention_loss(qkv, t_qkv, mapping, relation_heads)
+                total = total + cfg.loss.attention * a
+                terms["attention"] = float(a.detach())
         if cfg.loss.balance:  # transformers' load_balancing_loss_func over every MoE layer's router logits
             balance = out.aux_loss.float()
             total = total + cfg.loss.balance * balance
@@ -117,20 +126,37 @@ def train_student(ctx: StageContext, cfg: TrainFields, student: Any) -> tuple[Tr
     teacher = None
     if cfg.uses_teacher and not (cfg.teacher_topk and _cache_complete(ctx, cfg)):
         teacher = Teacher(teacher_ckpt, ctx.compute_dtype or ctx.dtype, ctx.device, offload=cfg.teacher_offload,
-                          layers=sorted(set(mapping.values())) if cfg.loss.hidden else [])
+                          layers=sorted(set(mapping.values())) if cfg.loss.hidden else [],
+                          qkv_layers=sorted(set(mapping.values())) if cfg.loss.attention else [])
+    heads, attention_note = 1, {}
+    if cfg.loss.attention:  # the plan checked the count (check_attention); the same numbers here
+        heads, sw, tw = attention_shape(cfg, ctx.source.config, teacher_ckpt.config)
+        attention_note = {"attention": relations.describe(heads, sw, tw)}
     cache = TopKCache(ctx.scratch_dir / "teacher-topk", cfg.teacher_topk) if cfg.teacher_topk else None
     windows = ctx.data.evaluation(cfg.data)
     eval_windows = ctx.data.evaluation(cfg.eval_data) if cfg.eval_data else None
     in_memory = teacher.describe() if teacher else "no teacher in memory"
     log.info("%s: %d training windows of %d tokens; %s", ctx.stage.label, *windows.shape, in_memory)
-    result = train(student, windows, make_loss(cfg, teacher, cache, mapping), cfg, seed=ctx.seed, device=ctx.device,
-                   state_dir=ctx.scratch_dir, progress=ctx.progress, label=ctx.stage.label, eval_windows=eval_windows)
+    result = train(student, windows, make_loss(cfg, teacher, cache, mapping, heads), cfg, seed=ctx.seed,
+                   device=ctx.device, state_dir=ctx.scratch_dir, progress=ctx.progress, label=ctx.stage.label,
+                   eval_windows=eval_windows)
     notes = {"loss_weights": cfg.loss.model_dump(), "temperature": cfg.temperature,
              "teacher": cfg.teacher or "the recipe's model before the first stage",
-             **({"hidden_layers": {str(k): v for k, v in mapping.items()}} if cfg.loss.hidden else {}),
+             **({"hidden_layers": {str(k): v for k, v in mapping.items()}}
+                if cfg.loss.hidden or cfg.loss.attention else {}),
+             **attention_note,
              **({"teacher_topk": cfg.teacher_topk} if cfg.teacher_topk else {}),
              "training_windows": list(windows.shape), **result.notes()}
     return result, notes, in_memory
+
+
+def attention_shape(cfg: TrainFields, student: Any, teacher: Any) -> tuple[int, tuple[int, int, int],
+                                                                          tuple[int, int, int]]:
+    """(relation heads, the student's q/k/v widths, the teacher's) of the attention term, from the two
+    configs; ValueError (one line) when `attention_relation_heads` does not divide the widths."""
+    s, t = Adapter.for_config(student).shape(student), Adapter.for_config(teacher).shape(teacher)
+    sw, tw = relations.widths(s.heads, s.kv_heads, s.head_dim), relations.widths(t.heads, t.kv_heads, t.head_dim)
+    return relations.relation_heads(cfg.attention_relation_heads, sw, tw, min(s.kv_heads, t.kv_heads)), sw, tw
 
 
 def _cache_complete(ctx: StageContext, cfg: TrainFields) -> bool:

@@ -1,15 +1,17 @@
-"""The teacher of a distillation: its logits (and chosen layers' hidden states) for a batch, no gradients.
+"""The teacher of a distillation: its logits (and chosen layers' hidden states and q/k/v projections) for a
+batch, no gradients.
 
 In memory (working dtype) by default; with `offload` its decoder layers stay on disk and run one at a time
 (memory: one layer and the batch's activations), for machines that cannot hold two models. Layer outputs
-are taken with forward hooks on the decoder layers, the same way as the student's (llmslim.training.loop),
-so both sides are measured at the same place.
+and projections are taken with forward hooks on the decoder layers and their q/k/v_proj, the same way as
+the student's (llmslim.training.student), so both sides are measured at the same place; offloaded, the hooks
+go on each layer as it is loaded.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from safetensors import safe_open
@@ -17,6 +19,7 @@ from torch import Tensor, nn
 
 from ..checkpoint import Checkpoint, LazyModel, save_safetensors
 from ..layerwise import capture_inputs, layer_output
+from .relations import collect_projections, projection_hooks
 
 
 def collect_layer_outputs(layers: nn.ModuleList, wanted: list[int]) -> tuple[dict[int, Tensor], list[Any]]:
@@ -28,12 +31,20 @@ def collect_layer_outputs(layers: nn.ModuleList, wanted: list[int]) -> tuple[dic
     return store, handles
 
 
+class TeacherOutputs(NamedTuple):
+    logits: Tensor  # [B, S, V]
+    hidden: dict[int, Tensor]  # layer -> its output [B, S, H]
+    qkv: dict[int, dict[str, Tensor]]  # layer -> {q_proj|k_proj|v_proj: [B, S, W]}
+
+
 class Teacher:
-    """Logits [B, S, V] and {layer: hidden [B, S, H]} of a frozen model for token batches."""
+    """Logits, chosen layers' outputs (`layers`) and q/k/v projections (`qkv_layers`) of a frozen model for
+    token batches."""
 
     def __init__(self, ckpt: Checkpoint, dtype: torch.dtype, device: torch.device, *, offload: bool = False,
-                 layers: list[int] | None = None):
+                 layers: list[int] | None = None, qkv_layers: list[int] | None = None):
         self.layers_wanted = sorted(set(layers or []))
+        self.qkv_wanted = sorted(set(qkv_layers or []))
         self.device, self.offload = device, offload
         self.lazy = LazyModel(ckpt, dtype)
         self.model: Any = self.lazy.model if offload else self.lazy.materialize_all().to(device)
@@ -48,29 +59,36 @@ class Teacher:
                 else f"teacher in memory ({n:,} parameters, {dtype})")
 
     @torch.no_grad()
-    def __call__(self, tokens: Tensor) -> tuple[Tensor, dict[int, Tensor]]:
+    def __call__(self, tokens: Tensor) -> TeacherOutputs:
         tokens = tokens.to(self.device)
         if not self.offload:
             store, handles = collect_layer_outputs(self.lazy.layers, self.layers_wanted)
+            projections, more = collect_projections(self.lazy.layers, self.qkv_wanted)
             try:
                 logits = self.model(input_ids=tokens, use_cache=False).logits
             finally:
-                for h in handles:
+                for h in handles + more:
                     h.remove()
-            return logits, dict(store)
+            return TeacherOutputs(logits, dict(store), projections)
         inputs = capture_inputs(self.lazy, tokens.cpu(), batch_size=tokens.shape[0], device=self.device)
         hidden = inputs.hidden[0]
         outputs: dict[int, Tensor] = {}
+        qkv: dict[int, dict[str, Tensor]] = {i: {} for i in self.qkv_wanted}
         for i in range(len(self.lazy.layers)):
             layer = self.lazy.materialize(i).to(self.device)
-            hidden = layer_output(layer(hidden, **inputs.for_layer(i).kwargs[0]))  # sliding or global (Gemma 3)
+            handles = projection_hooks(layer, qkv[i]) if i in qkv else []
+            try:
+                hidden = layer_output(layer(hidden, **inputs.for_layer(i).kwargs[0]))  # sliding or global (Gemma 3)
+            finally:
+                for h in handles:
+                    h.remove()
             self.lazy.release(i)
             if i in self.layers_wanted:
                 outputs[i] = hidden
         body: Any = self.model.model
         body.norm.to(self.device)
         self.model.lm_head.to(self.device)
-        return self.model.lm_head(body.norm(hidden)), outputs
+        return TeacherOutputs(self.model.lm_head(body.norm(hidden)), outputs, qkv)
 
 
 class TopKCache:
@@ -93,7 +111,7 @@ class TopKCache:
         missing = [j for j, w in enumerate(windows) if not self._file(w).is_file()]
         if missing:
             assert teacher is not None, "top-k cache miss without a teacher"
-            logits, _ = teacher(tokens[missing])
+            logits = teacher(tokens[missing]).logits
             top = logits.float().topk(self.k, dim=-1)
             for j, v, ix in zip(missing, top.values, top.indices):
                 tmp = self._file(windows[j]).with_suffix(".tmp")

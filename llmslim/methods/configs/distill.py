@@ -8,6 +8,7 @@ from ...training.config import TrainFields
 
 class DistillConfig(TrainFields):
     """Distillation from the original model (or `teacher`) into what the earlier stages left: logits KL,
-    hidden-state distance and/or LM loss, trained with accelerate, resumable every `save_every` steps. After
-    a sparsity stage (sparsegpt, wanda) the Linears it pruned keep every zero, all weights or LoRA."""
+    hidden-state distance, attention relations (MiniLMv2) and/or LM loss, trained with accelerate, resumable
+    every `save_every` steps. After a sparsity stage (sparsegpt, wanda) the Linears it pruned keep every zero,
+    all weights or LoRA."""
 
