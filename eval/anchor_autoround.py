@@ -67,7 +67,13 @@ import resource  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from anchor_llmcompressor import RssSampler, measurement_blocks, tokens_sha256  # noqa: E402  (stdlib only)
+from anchor_llmcompressor import (  # noqa: E402  (stdlib only)
+    RssSampler,
+    check_ids,
+    load_tokens,
+    measurement_blocks,
+    tokens_sha256,
+)
 
 
 def parse_args() -> argparse.Namespace:
@@ -175,10 +181,7 @@ def main() -> None:
     t_import = time.perf_counter() - t0
 
     # Calibration tokens: exactly the ids our quantizers use.
-    tokens = torch.load(args.tokens, map_location="cpu", weights_only=True)
-    if not (isinstance(tokens, torch.Tensor) and tokens.ndim == 2 and tokens.dtype == torch.int64):
-        sys.exit(f"{args.tokens}: expected an int64 tensor [N, S], got {type(tokens)} "
-                 f"{getattr(tokens, 'dtype', '')} {tuple(getattr(tokens, 'shape', ()))}")
+    tokens = load_tokens(args.tokens)
     n_all, seq_len = tokens.shape
     n_samples = n_all if args.nsamples is None else args.nsamples
     if not 0 < n_samples <= n_all:
@@ -194,8 +197,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if used.max().item() >= model.config.vocab_size or used.min().item() < 0:
-        sys.exit(f"{args.tokens}: ids outside [0, {model.config.vocab_size})")
+    check_ids(used, model.config.vocab_size, args.tokens)
     max_pos = getattr(model.config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         sys.exit(f"{args.tokens}: windows of {seq_len} > max_position_embeddings {max_pos} (auto-round would cut)")

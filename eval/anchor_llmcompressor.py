@@ -246,6 +246,23 @@ def save_dense(compressed: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(compressed).save_pretrained(out)
 
 
+def load_tokens(path):
+    """The calibration ids (an int64 tensor [N, S] saved by torch), or exit naming the file."""
+    import torch
+
+    tokens = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(tokens, torch.Tensor) and tokens.ndim == 2 and tokens.dtype == torch.int64):
+        sys.exit(f"{path}: expected an int64 tensor [N, S], got {type(tokens)} "
+                 f"{getattr(tokens, 'dtype', '')} {tuple(getattr(tokens, 'shape', ()))}")
+    return tokens
+
+
+def check_ids(tokens, vocab_size: int, path) -> None:
+    """Exit naming the file when an id is outside the model's vocabulary."""
+    if tokens.max().item() >= vocab_size or tokens.min().item() < 0:
+        sys.exit(f"{path}: ids outside [0, {vocab_size})")
+
+
 def main() -> None:
     args = parse_args()
     sampler = RssSampler(0.2).start()
@@ -272,10 +289,7 @@ def main() -> None:
     t_import = time.perf_counter() - t0
 
     # Calibration tokens: exactly the ids our GPTQ uses.
-    tokens = torch.load(args.tokens, map_location="cpu", weights_only=True)
-    if not (isinstance(tokens, torch.Tensor) and tokens.ndim == 2 and tokens.dtype == torch.int64):
-        sys.exit(f"{args.tokens}: expected an int64 tensor [N, S], got {type(tokens)} "
-                 f"{getattr(tokens, 'dtype', '')} {tuple(getattr(tokens, 'shape', ()))}")
+    tokens = load_tokens(args.tokens)
     n_samples, seq_len = tokens.shape
 
     sampler.phase("load")
@@ -283,8 +297,7 @@ def main() -> None:
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokens.max().item() >= model.config.vocab_size or tokens.min().item() < 0:
-        sys.exit(f"{args.tokens}: ids outside [0, {model.config.vocab_size})")
+    check_ids(tokens, model.config.vocab_size, args.tokens)
     dataset = Dataset.from_dict({
         "input_ids": tokens.tolist(),
         "attention_mask": torch.ones_like(tokens).tolist(),

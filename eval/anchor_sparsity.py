@@ -39,7 +39,14 @@ import resource  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from anchor_llmcompressor import RssSampler, measurement_blocks, tokens_sha256, versions  # noqa: E402
+from anchor_llmcompressor import (  # noqa: E402
+    RssSampler,
+    check_ids,
+    load_tokens,
+    measurement_blocks,
+    tokens_sha256,
+    versions,
+)
 
 IGNORE = ["re:.*lm_head"]
 
@@ -92,10 +99,7 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     t_import = time.perf_counter() - t0
 
-    tokens = torch.load(args.tokens, map_location="cpu", weights_only=True)
-    if not (isinstance(tokens, torch.Tensor) and tokens.ndim == 2 and tokens.dtype == torch.int64):
-        sys.exit(f"{args.tokens}: expected an int64 tensor [N, S], got {type(tokens)} "
-                 f"{getattr(tokens, 'dtype', '')} {tuple(getattr(tokens, 'shape', ()))}")
+    tokens = load_tokens(args.tokens)
     n_samples, seq_len = tokens.shape
 
     sampler.phase("load")
@@ -103,8 +107,7 @@ def main() -> None:
     dtype = args.dtype if args.dtype == "auto" else getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    if tokens.max().item() >= model.config.vocab_size or tokens.min().item() < 0:
-        sys.exit(f"{args.tokens}: ids outside [0, {model.config.vocab_size})")
+    check_ids(tokens, model.config.vocab_size, args.tokens)
     dataset = Dataset.from_dict({"input_ids": tokens.tolist(), "attention_mask": torch.ones_like(tokens).tolist()})
     zeros_before = zero_counts(model)
     t_load = time.perf_counter() - t0
