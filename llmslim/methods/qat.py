@@ -92,7 +92,7 @@ def _grid_start(ctx: StageContext, cfg: QatConfig, fmt: QuantFormat, targets: li
     start: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
     gcfg = GptqConfig(data=cfg.calib_data or cfg.data, bits=cfg.bits, group_size=cfg.group_size,
                       symmetric=cfg.symmetric, ignore=cfg.ignore, per_channel_fallback=cfg.per_channel_fallback,
-                      observer=cfg.observer, act_order=False)  # static column groups, no g_idx: the grid fake_quant reproduces
+                      observer=cfg.observer)  # gptq's act-order: static groups, no g_idx, as fake_quant's grid
 
     sparse = set(ctx.before.sparse_linears)
 
