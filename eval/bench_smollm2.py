@@ -21,7 +21,8 @@ Sections (each writes eval/results/bench_smollm2.SECTION.json and prints its tab
 - qat: QAT W3 g64 from GPTQ's integers (LoRA r 16, logits KL, qat's default lr) at the same token budget, against
   GPTQ W3 g64 (act-order), both on the mse observer by default (the ptq section's best W3 cell; --qat-observer).
 - moe: FFN 1536 as 8 experts of 192, top-2 (384 channels active) against a dense FFN of 384, both distilled
-  with the same budget, the MoE with the documented defaults (no field set but the budget).
+  with the same recipe fields (the budget, logits KL) and distill's defaults for the rest, not --lr: lr 1e-4,
+  and for the MoE student its own (loss.balance 0.01, its MoE blocks at moe_lr_scale 10 x lr).
 - serve: every export of prune/qat/moe/gptq-cost through `llmslim serve` and the openai client (completions
   and chat completions, greedy), tokens compared with transformers'; vLLM throughput of the original
   against the pruned exports at batch 1 and 16 (eval/bench_serving.py).
@@ -224,10 +225,14 @@ def qat(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def moe(args: argparse.Namespace) -> dict[str, Any]:
-    moefied = run(args, "moe-8x192-top2", [{"method": "moefy", "experts": 8, "top_k": 2, "data": "calib"},
-                                           train_stage(args)], check=args.check)
+    # both rows with the same recipe fields and distill's defaults for the rest: lr 1e-4 for the dense student;
+    # the MoE student's own defaults (loss.balance, its MoE blocks at moe_lr_scale x lr), not --lr
+    stage = train_stage(args)
+    del stage["lr"]
+    moefied = run(args, "moe-8x192-top2", [{"method": "moefy", "experts": 8, "top_k": 2, "data": "calib"}, stage],
+                  check=args.check)
     dense = run(args, "moe-dense-384", [{"method": "prune_ffn", "intermediate_size": 384, "criterion": "activation",
-                                         "data": "calib"}, train_stage(args)], check=args.check)
+                                         "data": "calib"}, stage], check=args.check)
     res = {}
     for label, r in (("moefy 8 x 192, top-2", moefied), ("dense FFN 384", dense)):
         start, end, stage = curve_ends(r["report"], "distill")
@@ -666,7 +671,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=60, help="training steps of prune, qat and moe rows")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--lr", type=float, default=1e-4)
+    p.add_argument("--lr", type=float, default=1e-4, help="lr of the prune rows (the moe rows: distill's defaults)")
     p.add_argument("--qat-lr", type=float, default=None, help="lr of the qat row (default: qat's own default)")
     p.add_argument("--qat-observer", default="mse", choices=["minmax", "mse"],
                    help="the W3 grid's observer in the qat row (its GPTQ baseline and QAT's GPTQ start)")

@@ -192,7 +192,7 @@ def test_moefy_then_distill_trains_the_router_with_the_balance_term(tiny_tok, tm
     """The recovery stage after moefy: distill with the load-balancing term, which the curve records
     (1 for perfectly balanced routing), and the routers move away from what moefy fitted."""
     moefy = {"method": "moefy", "experts": 4, "top_k": 2, "data": "calib"}
-    distill = {"method": "distill", "data": "train", "steps": 4, "batch_size": 4, "lr": 1e-2,
+    distill = {"method": "distill", "data": "train", "steps": 4, "batch_size": 4, "lr": 1e-3,  # MoE blocks: 1e-2
                "loss": {"logits": 1.0, "balance": 0.1}, "save_every": 4}
     fitted = run(parse_recipe(tiny_recipe(tmp_path / "moefy", tiny_tok("llama"), [moefy])))
     trained = run(parse_recipe(tiny_recipe(tmp_path / "trained", tiny_tok("llama"), [moefy, distill])))
@@ -201,6 +201,29 @@ def test_moefy_then_distill_trains_the_router_with_the_balance_term(tiny_tok, tm
     name = "model.layers.0.block_sparse_moe.gate.weight"
     before, after = Checkpoint(fitted["output"]).read([name])[name], Checkpoint(trained["output"]).read([name])[name]
     assert before.shape == after.shape == (4, 128) and not torch.equal(before, after)
+
+
+@pytest.mark.parametrize("student, loss, applied", [
+    ("moe", {"logits": 1.0}, {"loss.balance": 0.01, "moe_lr_scale": 10.0}),
+    ("moe", {"logits": 1.0, "balance": 0}, {"moe_lr_scale": 10.0}),  # an explicit 0 switches the term off
+    ("dense", {"logits": 1.0}, None),
+])
+def test_distill_fills_in_the_moe_defaults_for_moe_students_only(tiny_tok, tmp_path, student, loss, applied):
+    """loss.balance and moe_lr_scale left out: an MoE student trains with the load-balancing term and its
+    MoE blocks (routers, experts) at 10 x lr, which the notes list; a dense student trains as before (no
+    balance term, every weight at lr); a value the recipe gives is kept."""
+    moefy = [{"method": "moefy", "experts": 4, "top_k": 2, "data": "calib"}] if student == "moe" else []
+    distill = {"method": "distill", "data": "train", "steps": 2, "batch_size": 2, "lr": 1e-4, "schedule": "constant",
+               "loss": loss, "save_every": 2}
+    notes = run(parse_recipe(tiny_recipe(tmp_path, tiny_tok("llama"), [*moefy, distill])))["stages"][-1]["notes"]
+    assert notes.get("moe_defaults") == applied
+    balance = 0.01 if applied and "loss.balance" in applied else 0.0
+    assert notes["loss_weights"]["balance"] == balance
+    for point in notes["curve"]:
+        assert ("balance" in point) == bool(balance)
+        assert point["lr"] == 1e-4
+        assert point.get("lr_moe") == (pytest.approx(1e-3) if student == "moe" else None)
+    assert notes.get("moe_lr") == (pytest.approx(1e-3) if student == "moe" else None)
 
 
 # ---------------------------------------------------------------- prune_experts

@@ -10,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ..methods.configs.base import MethodConfig
 
 DEFAULT_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# What an MoE student trains with when the recipe leaves `loss.balance` and `moe_lr_scale` out (measured on
+# stories260K, eval/bench_moe.py --defaults); a dense student gets 0 and 1
+MOE_BALANCE = 0.01
+MOE_LR_SCALE = 10.0
 
 
 class LossWeights(BaseModel):
@@ -27,10 +31,11 @@ class LossWeights(BaseModel):
     """Attention transfer (MiniLMv2): KL between the teacher's and the student's self-attention relations
     softmax(A A^T / sqrt(d)) of the q/k/v projections (Q-Q, K-K, V-V, causal) at the layers of the hidden
     term, cut into `attention_relation_heads` relation heads, so that students with fewer heads compare."""
-    balance: float = Field(default=0.0, ge=0)
+    balance: float | None = Field(default=None, ge=0)
     """MoE students: the load-balancing loss of Switch Transformer and Mixtral (E x sum over experts of the
     share of tokens routed to the expert x its mean router probability, averaged over the MoE layers; 1
-    when balanced), which keeps routers from collapsing onto a few experts while they train."""
+    when balanced), which keeps routers from collapsing onto a few experts while they train. null: 0.01
+    for an MoE student, 0 for a dense one; 0 switches it off."""
 
 
 class LoraFields(BaseModel):
@@ -62,6 +67,10 @@ class TrainFields(MethodConfig):
     """Micro-batches per optimizer step (batch_size must be a multiple of grad_accum x processes)."""
     lr: float = Field(default=1e-4, gt=0)
     """Peak learning rate (AdamW)."""
+    moe_lr_scale: float | None = Field(default=None, gt=0)
+    """MoE students: the MoE blocks (routers, experts, shared experts) train at lr x this, the rest at lr
+    (routers and experts that moefy has just fitted move further than the weights around them). null: 10
+    for an MoE student; 1: every weight at lr. A dense student has no MoE block and ignores it."""
     warmup: int = Field(default=0, ge=0)
     """Steps of linear warm-up from 0 to `lr`."""
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
@@ -138,6 +147,18 @@ class TrainFields(MethodConfig):
 
     def data_source(self) -> str | None:
         return self.data
+
+    def for_student(self, is_moe: bool) -> tuple[TrainFields, dict[str, float]]:
+        """This config with the MoE fields the recipe left null filled in for the student (MOE_BALANCE and
+        MOE_LR_SCALE for an MoE student, 0 and 1 for a dense one), and {field: value} of the MoE defaults
+        so applied (empty for a dense student)."""
+        balance = self.loss.balance if self.loss.balance is not None else (MOE_BALANCE if is_moe else 0.0)
+        scale = self.moe_lr_scale if self.moe_lr_scale is not None else (MOE_LR_SCALE if is_moe else 1.0)
+        applied = {} if not is_moe else {
+            **({"loss.balance": balance} if self.loss.balance is None else {}),
+            **({"moe_lr_scale": scale} if self.moe_lr_scale is None else {})}
+        return self.model_copy(update={"loss": self.loss.model_copy(update={"balance": balance}),
+                                       "moe_lr_scale": scale}), applied
 
     def data_sources(self) -> list[str]:
         """Every source this stage reads (checked against `data:`)."""

@@ -136,19 +136,32 @@ class TrainResult:
         return out
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
+def _param_groups(model: nn.Module, weight_decay: float, lr: float,
+                  lr_groups: dict[str, tuple[set[int], float]]) -> list[dict[str, Any]]:
+    """AdamW's parameter groups: with and without weight decay (norms, biases) at `lr`, then the same two
+    for each named group of `lr_groups` (name -> (parameter ids, lr multiplier)) that has trainable
+    parameters, at lr x its multiplier. The first group is at `lr` (the curve's `lr`)."""
+    groups: dict[str, tuple[list[nn.Parameter], list[nn.Parameter]]] = {"": ([], [])}
     for name, p in model.named_parameters():
         if p.requires_grad:
+            key = next((k for k, (ids, _) in lr_groups.items() if id(p) in ids), "")
+            decay, no_decay = groups.setdefault(key, ([], []))
             (no_decay if p.dim() < 2 or "norm" in name else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    out = []
+    for key, (decay, no_decay) in groups.items():
+        group_lr = lr * (lr_groups[key][1] if key else 1.0)
+        out += [{"params": decay, "weight_decay": weight_decay, "lr": group_lr, "name": key},
+                {"params": no_decay, "weight_decay": 0.0, "lr": group_lr, "name": key}]
+    return out[:2] + [g for g in out[2:] if g["params"]]
 
 
 def train(model: nn.Module, windows: Tensor, loss_fn: LossFn, cfg: TrainFields, *, seed: int, device: torch.device,
-          state_dir: Path, progress: Any, label: str, eval_windows: Tensor | None = None) -> TrainResult:
+          state_dir: Path, progress: Any, label: str, eval_windows: Tensor | None = None,
+          lr_groups: dict[str, tuple[set[int], float]] | None = None) -> TrainResult:
     """Train `model` (its parameters with requires_grad) on token windows [N, S] for cfg.steps steps,
-    minimising loss_fn; resumes from `state_dir`/train-state when a killed run left one. The trained model
+    minimising loss_fn; resumes from `state_dir`/train-state when a killed run left one. `lr_groups`: name
+    -> (ids of parameters, multiplier of cfg.lr) for parameters that train at another rate (the curve
+    records each as `lr_<name>`). The trained model
     is `result.model`: `model` itself, trained in place, or under FSDP a plain copy with the gathered
     weights on the main process (None on the others). The caller writes it out."""
     from accelerate.utils import set_seed
@@ -171,7 +184,7 @@ def train(model: nn.Module, windows: Tensor, loss_fn: LossFn, cfg: TrainFields, 
         model_any.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     twin = sharding.skeleton(model) if fsdp else None  # FSDP shards `model` in place; the result goes here
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay, cfg.lr, lr_groups or {}), lr=cfg.lr)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, cfg.steps, cfg.warmup, cfg.schedule))
     model, optimizer = acc.prepare(model, optimizer)
@@ -224,7 +237,9 @@ def train(model: nn.Module, windows: Tensor, loss_fn: LossFn, cfg: TrainFields, 
                     optimizer.zero_grad(set_to_none=True)
                 for k, v in {"loss": float(loss.detach()), **terms}.items():
                     totals[k] = totals.get(k, 0.0) + v / cfg.grad_accum
-            lr = float(scheduler.get_last_lr()[0])
+            lrs = scheduler.get_last_lr()
+            lr = float(lrs[0])
+            others = {f"lr_{g['name']}": float(x) for g, x in zip(optimizer.param_groups, lrs) if g.get("name")}
             scheduler.step()
             tally.step += 1
             seconds = time.perf_counter() - t0
@@ -235,7 +250,7 @@ def train(model: nn.Module, windows: Tensor, loss_fn: LossFn, cfg: TrainFields, 
                 totals = dict(zip(totals, (acc.reduce(t, reduction="mean")).tolist()))
             if tally.step % log_every == 0 or tally.step == cfg.steps:
                 tally.curve.append({"step": tally.step, **{k: round(v, 6) for k, v in totals.items()},
-                                    "lr": lr, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)})
+                                    "lr": lr, **others, "tokens_per_s": round(tokens / max(seconds, 1e-9), 1)})
             task.advance()
             task.note(f"loss {totals['loss']:.4f}  lr {lr:.2e}  {tokens / max(seconds, 1e-9):,.0f} tok/s")
             if cfg.eval_every and tally.step % cfg.eval_every == 0 and tally.step < cfg.steps:

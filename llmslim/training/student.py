@@ -115,9 +115,21 @@ def teacher_checkpoint(ctx: StageContext, cfg: TrainFields) -> Checkpoint:
     return Checkpoint(resolve_model(cfg.teacher, field="teacher"))
 
 
+def moe_block_params(adapter: Adapter, student: Any) -> set[int]:
+    """ids of the parameters of the student's MoE blocks (router, experts, shared expert and its gate)."""
+    return {id(p) for layer in decoder_layers(student) if adapter.experts(layer) is not None
+            for p in adapter.mlp(layer).parameters()}
+
+
 def train_student(ctx: StageContext, cfg: TrainFields, student: Any) -> tuple[TrainResult, dict[str, Any], str]:
     """Train `student` (its parameters with requires_grad) in place on cfg.data against the teacher; returns
-    the loop's result, the stage notes so far, and what the teacher held in memory."""
+    the loop's result, the stage notes so far, and what the teacher held in memory. The MoE fields the
+    recipe left null are filled in for the student first (TrainFields.for_student); the notes list the MoE
+    defaults so applied under `moe_defaults`."""
+    adapter = Adapter.for_config(ctx.source.config)
+    cfg, moe_defaults = cfg.for_student(adapter.is_moe)
+    assert cfg.moe_lr_scale is not None
+    lr_groups = {"moe": (moe_block_params(adapter, student), cfg.moe_lr_scale)} if adapter.is_moe else {}
     n_student = len(decoder_layers(student))
     teacher_ckpt = teacher_checkpoint(ctx, cfg)
     n_teacher = teacher_ckpt.config.num_hidden_layers
@@ -139,8 +151,10 @@ def train_student(ctx: StageContext, cfg: TrainFields, student: Any) -> tuple[Tr
     log.info("%s: %d training windows of %d tokens; %s", ctx.stage.label, *windows.shape, in_memory)
     result = train(student, windows, make_loss(cfg, teacher, cache, mapping, heads), cfg, seed=ctx.seed,
                    device=ctx.device, state_dir=ctx.scratch_dir, progress=ctx.progress, label=ctx.stage.label,
-                   eval_windows=eval_windows)
+                   eval_windows=eval_windows, lr_groups=lr_groups)
     notes = {"loss_weights": cfg.loss.model_dump(), "temperature": cfg.temperature,
+             **({"moe_defaults": moe_defaults} if moe_defaults else {}),
+             **({"moe_lr": cfg.lr * cfg.moe_lr_scale} if adapter.is_moe else {}),
              "teacher": cfg.teacher or "the recipe's model before the first stage",
              **({"hidden_layers": {str(k): v for k, v in mapping.items()}}
                 if cfg.loss.hidden or cfg.loss.attention else {}),
