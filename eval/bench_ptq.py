@@ -120,6 +120,8 @@ def our_columns(bits: int, group: int, iters: list[int], narrow: tuple[str, ...]
         "gptq mse": [{**gptq, "observer": "mse"}],
         "gptq mse gptaq": [{**gptq, "observer": "mse", "gptaq": True}],
         "awq + gptq mse": [{"method": "awq", "data": "calib", **grid, "observer": "mse"}, {**gptq, "observer": "mse"}],
+        **{f"awq {o} + gptq mse": [{"method": "awq", "data": "calib", **grid, "observer": "mse", "objective": o},
+                                   {**gptq, "observer": "mse"}] for o in ("linear", "module")},  # objective by hand
         **{f"autoround {n}": [{"method": "autoround", "data": "calib", **grid, "iters": n}] for n in iters},
         **{f"awq + autoround {n}": [{"method": "awq", "data": "calib", **grid},
                                     {"method": "autoround", "data": "calib", **grid, "iters": n}] for n in iters},
@@ -294,7 +296,8 @@ def main(argv: list[str] | None = None) -> int:
         cells[row] = {}
         calib = work / f"calib-{bits}-{group}.pt"
         token_hash = ""
-        for column, stages in our_columns(bits, group, args.iters, subject.narrow, subject.columns).items():
+        for column, stages in our_columns(bits, group, args.iters, subject.narrow,
+                                               subject.columns if args.columns is None else None).items():
             name = "ours-" + column.replace(" + ", "-").replace(" ", "-") + f"-w{bits}g{group}"
             if not wanted(column):
                 if not token_hash and stages[0].get("data") and not args.collect:  # the anchors' tokens all the same

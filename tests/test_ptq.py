@@ -4,6 +4,7 @@ method promises it, objectives never worse than their start, resume after a kill
 
 from __future__ import annotations
 
+import copy
 import json
 import signal
 from pathlib import Path
@@ -15,6 +16,7 @@ from tiny_models import tiny_recipe
 from transformers import AutoModelForCausalLM
 
 from llmslim.errors import RecipeError
+from llmslim.layerwise import layer_output
 from llmslim.methods import autoround, awq
 from llmslim.methods.gptq.core import (
     CrossAccumulator,
@@ -70,18 +72,75 @@ def test_awq_search_is_never_worse_than_no_scaling_and_wins_on_loud_channels(duo
     assert flat.error <= flat.error_unscaled
 
 
+@pytest.mark.parametrize("arch, block, linears", [
+    ("llama", "self_attn", ("q_proj", "k_proj", "v_proj")),  # through softmax attention and o_proj
+    ("llama", "mlp", ("gate_proj", "up_proj")),  # through the activation, the product and down_proj
+    ("gemma3", "self_attn", ("q_proj", "k_proj", "v_proj")),  # per-head q/k norms, scaled attention
+])
+def test_awq_module_objective_picks_the_candidate_with_the_smallest_block_output_error(arch, block, linears):
+    """The `module` search (weights swapped in as Q(W s) / s on unscaled inputs) against a direct computation:
+    each candidate folded for real (Q(W s) on inputs x / s), the block's output compared with the original's."""
+    from tiny_models import build_model
+
+    model = build_model(arch).double().eval()
+    layer = model.model.layers[0]
+    gen = torch.Generator().manual_seed(0)
+    h = torch.randn(2, 24, 128, generator=gen, dtype=torch.float64)
+    h[..., :4] *= 20  # loud hidden channels: scaling pays
+    kind = getattr(layer.self_attn, "layer_type", None)  # Gemma 3: a rotary base per attention kind
+    rotary = model.model.rotary_emb(h, torch.arange(24)[None], *([kind] if kind else []))
+    calls: list = []
+    handle = layer.get_submodule(block).register_forward_pre_hook(lambda _m, a, kw: calls.append((a, kw)),
+                                                                   with_kwargs=True)
+    with torch.no_grad():
+        layer(h, position_embeddings=rotary, attention_mask=None)
+    handle.remove()
+    parent = layer.get_submodule(block)
+    lins = [parent.get_submodule(n) for n in linears]
+    W = torch.cat([lin.weight.float() for lin in lins])
+    x = awq._hidden(calls[0])
+    x_mean = x.reshape(-1, 128).abs().mean(0).float()
+
+    def q(w: torch.Tensor) -> torch.Tensor:
+        return rtn_quantize(w, bits=3, group_size=32, symmetric=True).weight
+
+    found = awq.search(x_mean, W, q, awq.module_error(parent, lins, calls), grid=10, group_size=32)
+    assert all(torch.equal(lin.weight.float(), w) for lin, w in zip(lins, W.split([l.out_features for l in lins])))
+
+    def direct(s: torch.Tensor) -> float:
+        moved = copy.deepcopy(parent)
+        for n, w in zip(linears, q(W * s).split([lin.out_features for lin in lins])):
+            moved.get_submodule(n).weight.data = w.double()
+        args, kw = calls[0]
+        scaled = ((args[0] / s.double(),), kw) if args else ((), {**kw, "hidden_states": x / s.double()})
+        with torch.no_grad():
+            out, ref = layer_output(moved(*scaled[0], **scaled[1])), layer_output(parent(*args, **kw))
+        return float((out - ref).pow(2).mean())
+
+    errors = [(direct(s), alpha) for alpha, s in awq.candidates(x_mean, awq.weight_profile(W, 32), 10)]
+    best, alpha = min(errors, key=lambda e: e[0])
+    assert found.alpha == alpha and alpha is not None
+    assert found.error == pytest.approx(best, rel=1e-4)
+    assert found.error_unscaled == pytest.approx(errors[0][0], rel=1e-4)
+    assert found.error < 0.9 * found.error_unscaled
+    assert sorted(e for e, _ in errors)[1] > best * (1 + 1e-3)  # a clear winner: not decided by float noise
+
+
 # ---------------------------------------------------------------- awq: folding keeps the function
 
 
-@pytest.mark.parametrize("arch, model_kw, maps", [
-    ("llama", {"gqa": False}, {"qkv", "o", "gate_up", "down"}),  # no GQA: v -> o is folded too
-    ("qwen2", {}, {"qkv", "gate_up", "down"}),  # q/k/v biases
-    ("qwen3", {}, {"qkv", "gate_up", "down"}),  # per-head q/k norms after the projections
-    ("gemma3", {"gqa": False}, {"qkv", "o", "gate_up", "down"}),  # (1 + weight) norms, pre/post sandwich norms
+@pytest.mark.parametrize("arch, model_kw, maps, search", [
+    ("llama", {"gqa": False}, {"qkv", "o", "gate_up", "down"}, {}),  # no GQA: v -> o is folded too
+    ("llama", {"gqa": False}, {"qkv", "o", "gate_up", "down"}, {"objective": "linear"}),
+    ("llama", {}, {"qkv", "gate_up", "down"}, {"objective": "module", "tokens": 100}),  # a sample of sequences
+    ("qwen2", {}, {"qkv", "gate_up", "down"}, {}),  # q/k/v biases
+    ("qwen3", {}, {"qkv", "gate_up", "down"}, {}),  # per-head q/k norms after the projections
+    ("gemma3", {"gqa": False}, {"qkv", "o", "gate_up", "down"}, {}),  # (1 + weight) norms, pre/post sandwich norms
+    ("gemma3", {}, {"qkv", "gate_up", "down"}, {"objective": "module", "tokens": 100}),  # sliding + global masks
 ])
-def test_awq_folding_leaves_the_unquantized_logits_unchanged(tiny_tok, tmp_path, arch, model_kw, maps):
+def test_awq_folding_leaves_the_unquantized_logits_unchanged(tiny_tok, tmp_path, arch, model_kw, maps, search):
     src = tiny_tok(arch, **model_kw)
-    stage = {"method": "awq", "data": "calib", "bits": 3, "group_size": 32}
+    stage = {"method": "awq", "data": "calib", "bits": 3, "group_size": 32, **search}
     recipe = parse_recipe(tiny_recipe(tmp_path, src, [stage]))
     run(recipe)
     out = Path(recipe.spec.output)

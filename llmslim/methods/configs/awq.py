@@ -36,8 +36,15 @@ class AwqConfig(MethodConfig):
     """Exponents a tried per mapping: 0, 1/grid, ..., (grid-1)/grid (plus no scaling)."""
     duo_scaling: bool = True
     """s = mean|x|^a / mean|W|^(1-a) (AutoAWQ's default); false: s = mean|x|^a (the AWQ paper)."""
+    objective: Literal["module", "linear"] = "linear"
+    """Where a candidate scale's error is measured. linear: at the mapping's own Linears' outputs (q/k/v
+    stacked, gate/up stacked). module: at the output of the block they belong to (AutoAWQ's and
+    llm-compressor's choice): q/k/v through the whole self-attention (softmax, o_proj in full precision),
+    gate/up through the whole MLP (the activation, the product, down_proj); v -> o and up -> down are
+    measured at their Linear either way."""
     tokens: int = Field(default=8192, gt=0)
-    """Calibration tokens per layer used in the search (a seeded sample of `data`)."""
+    """Calibration tokens per layer used in the search (a seeded sample of `data`; whole sequences for the
+    `module` objective, whose attention mixes a sequence's tokens)."""
     ignore: list[str] = ["lm_head"]
     """The Linears the following stage keeps unquantized (the same patterns, checked): their mappings are
     not scaled, since there is no rounding error to trade."""
