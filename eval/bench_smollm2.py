@@ -20,9 +20,11 @@ Sections (each writes eval/results/bench_smollm2.SECTION.json and prints its tab
   --seq-len tokens): perplexity after the cut and after healing, the share of the gap won back.
 - qat: QAT W3 g64 from GPTQ's integers (LoRA r 16, logits KL, qat's default lr) at the same token budget, against
   GPTQ W3 g64 (act-order), both on the mse observer by default (the ptq section's best W3 cell; --qat-observer).
-- moe: FFN 1536 as 8 experts of 192, top-2 (384 channels active) against a dense FFN of 384, both distilled
+- moe: FFN 1536 as 8 experts of 192, top-2 (384 channels active), and as a shared expert of the 192 most
+  active channels + 7 experts of 192, top-1 (also 384 active), against a dense FFN of 384, all distilled
   with the same recipe fields (the budget, logits KL) and distill's defaults for the rest, not --lr: lr 1e-4,
-  and for the MoE student its own (loss.balance 0.01, its MoE blocks at moe_lr_scale 10 x lr).
+  and for the MoE students their own (loss.balance 0.01, their MoE blocks at moe_lr_scale 10 x lr).
+  --moe-rows selects rows (written to bench_smollm2.moe.rows=....json).
 - serve: every export of prune/qat/moe/gptq-cost through `llmslim serve` and the openai client (completions
   and chat completions, greedy), tokens compared with transformers'; vLLM throughput of the original
   against the pruned exports at batch 1 and 16 (eval/bench_serving.py).
@@ -224,26 +226,37 @@ def qat(args: argparse.Namespace) -> dict[str, Any]:
     return {**res, "table": text, "checks": {"QAT W3 g64 below GPTQ W3 g64": res["qat"] < res["gptq"]}}
 
 
+MOE_ROWS = {  # label -> (work name, the cut stage); 384 FFN channels active per token in each
+    "moefy 8 x 192, top-2": ("moe-8x192-top2", {"method": "moefy", "experts": 8, "top_k": 2, "data": "calib"}),
+    "moefy shared 192 + 7 x 192, top-1": ("moe-shared192-7x192-top1", {"method": "moefy", "experts": 7, "top_k": 1,
+                                                                        "shared": 192, "data": "calib"}),
+    "dense FFN 384": ("moe-dense-384", {"method": "prune_ffn", "intermediate_size": 384, "criterion": "activation",
+                                        "data": "calib"}),
+}
+
+
 def moe(args: argparse.Namespace) -> dict[str, Any]:
-    # both rows with the same recipe fields and distill's defaults for the rest: lr 1e-4 for the dense student;
-    # the MoE student's own defaults (loss.balance, its MoE blocks at moe_lr_scale x lr), not --lr
+    # every row with the same recipe fields and distill's defaults for the rest: lr 1e-4 for the dense student;
+    # the MoE students' own defaults (loss.balance, their MoE blocks at moe_lr_scale x lr), not --lr
     stage = train_stage(args)
     del stage["lr"]
-    moefied = run(args, "moe-8x192-top2", [{"method": "moefy", "experts": 8, "top_k": 2, "data": "calib"}, stage],
-                  check=args.check)
-    dense = run(args, "moe-dense-384", [{"method": "prune_ffn", "intermediate_size": 384, "criterion": "activation",
-                                         "data": "calib"}, stage], check=args.check)
     res = {}
-    for label, r in (("moefy 8 x 192, top-2", moefied), ("dense FFN 384", dense)):
-        start, end, stage = curve_ends(r["report"], "distill")
+    for label, (name, cut) in MOE_ROWS.items():
+        if args.moe_rows and label not in args.moe_rows:
+            continue
+        r = run(args, name, [cut, stage], check=args.check)
+        start, end, trained = curve_ends(r["report"], "distill")
         res[label] = {"cut": start, "healed": ppl_of(r["report"]), "params": r["report"]["size"]["after"]["params"],
-                      "train_s": stage["notes"]["train_seconds"], "output": str(args.work / r["name"])}
-    rows = [[k, f"{v['params'] / 1e6:.1f} M", f"{v['cut']:.2f}", f"{v['healed']:.2f}"] for k, v in res.items()]
+                      "train_s": trained["notes"]["train_seconds"], "output": str(args.work / r["name"])}
+    rows = [[k, f"{v['params'] / 1e6:.1f} M", f"{v['cut']:.2f}", f"{v['healed']:.2f}", f"{v['train_s'] / 60:.1f}"]
+            for k, v in res.items()]
     text = ("FFN at 384 active channels per token (a quarter of 1536), distilled with the same budget; the MoE with "
             "the defaults (no field set but the budget):\n\n" +
-            table(["model", "parameters", "ppl before training", "ppl after distill"], rows))
-    a, b = res["moefy 8 x 192, top-2"]["healed"], res["dense FFN 384"]["healed"]
-    return {"rows": res, "table": text, "checks": {"the MoE beats the dense FFN 384 at equal active FLOPs": a < b}}
+            table(["model", "parameters", "ppl before training", "ppl after distill", "distill min"], rows))
+    dense = res.get("dense FFN 384")
+    checks = {f"{k} beats the dense FFN 384 at equal active FLOPs": v["healed"] < dense["healed"]
+              for k, v in res.items() if dense is not None and k != "dense FFN 384"}
+    return {"rows": res, "table": text, "checks": checks}
 
 
 def memory(args: argparse.Namespace) -> dict[str, Any]:
@@ -638,7 +651,8 @@ def sparse_report(args: argparse.Namespace, result: dict[str, Any]) -> dict[str,
 def partial_tag(args: argparse.Namespace, section: str) -> str:
     """The results-file suffix of a partial run ('' for the full one)."""
     chosen = {"eora": (("grids", args.eora_grids_set), ("ranks", args.eora_ranks_set)),
-              "sparse": (("rows", args.sparse_rows), ("columns", args.sparse_columns))}.get(section, ())
+              "sparse": (("rows", args.sparse_rows), ("columns", args.sparse_columns)),
+              "moe": (("rows", [MOE_ROWS[r][0] for r in args.moe_rows or []]),)}.get(section, ())
     parts = [f"{k}={'+'.join(map(str, v))}" for k, v in chosen if v]
     if args.model_dir is not None:
         parts.insert(0, "dev")
@@ -677,6 +691,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="the W3 grid's observer in the qat row (its GPTQ baseline and QAT's GPTQ start)")
     p.add_argument("--prune-rows", nargs="+", choices=["layers 30 -> 24", "width", "both"],
                    help="only these rows of the prune section")
+    p.add_argument("--moe-rows", nargs="+", choices=list(MOE_ROWS),
+                   help="only these rows of the moe section (written to bench_smollm2.moe.rows=....json)")
     p.add_argument("--repeats", type=int, default=3, help="gptq-cost runs per tool")
     p.add_argument("--check", default="vllm", choices=["vllm", "transformers", "none"],
                    help="the export check of the prune/qat/moe rows")
