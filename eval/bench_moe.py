@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--balance", type=float, default=0.01,
                         help="weight of the load-balancing term in the MoE's distillation (0: logits only)")
     args = parser.parse_args(argv)
-    args.steps = args.steps or (400 if args.defaults else 600)
+    args.steps = args.steps if args.steps is not None else (400 if args.defaults else 600)
     args.batch_size = args.batch_size or (8 if args.defaults else 16)
     root = start("moe")
     if root is None:

@@ -652,7 +652,8 @@ def partial_tag(args: argparse.Namespace, section: str) -> str:
     """The results-file suffix of a partial run ('' for the full one)."""
     chosen = {"eora": (("grids", args.eora_grids_set), ("ranks", args.eora_ranks_set)),
               "sparse": (("rows", args.sparse_rows), ("columns", args.sparse_columns)),
-              "moe": (("rows", [MOE_ROWS[r][0] for r in args.moe_rows or []]),)}.get(section, ())
+              "moe": (("rows", [MOE_ROWS[r][0] for r in args.moe_rows or []]),),
+              "prune": (("rows", args.prune_rows),)}.get(section, ())
     parts = [f"{k}={'+'.join(map(str, v))}" for k, v in chosen if v]
     if args.model_dir is not None:
         parts.insert(0, "dev")

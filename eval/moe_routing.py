@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_ptq import WIKI_VALID, smollm2_model  # noqa: E402
 
-from llmslim.methods import routing  # noqa: E402
+from llmslim.methods import moefy, routing  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 SPLITS = ((8, 2, 0), (7, 1, 192), (14, 2, 192), (16, 4, 0))  # (experts, top_k, shared) at 384 active of 1536
@@ -51,13 +51,9 @@ def errors(x: torch.Tensor, mlp: torch.nn.Module, active: int, gen: torch.Genera
     for experts, top_k, shared in SPLITS:
         if (width - shared) % experts or (width - shared) // experts * top_k + shared != active:
             continue
-        kept = torch.topk(by_activation, shared).indices if shared else torch.zeros(0, dtype=torch.long)
-        rest = torch.ones(width, dtype=torch.bool)
-        rest[kept] = False
-        rest_idx = torch.nonzero(rest).squeeze(1)
-        assign = routing.cluster_channels(act[:, rest_idx].abs().T, experts, balanced=True, generator=gen)
-        expert_out = torch.stack([act[:, rest_idx[g]] @ down[:, rest_idx[g]].T
-                                  for g in routing.groups_of(assign, experts)])  # [E, T, H]
+        kept, groups = moefy.split_channels(act, experts, shared, "balanced_cluster", gen)
+        kept = kept if kept is not None else torch.zeros(0, dtype=torch.long)
+        expert_out = torch.stack([act[:, g] @ down[:, g].T for g in groups])  # [E, T, H]
         base = act[:, kept] @ down[:, kept].T
         gains = routing.expert_gains(expert_out, expert_out.sum(0))
         probe = routing.fit_router_probe(x, gains)

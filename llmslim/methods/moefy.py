@@ -139,6 +139,25 @@ def _activations(mlp: Any, x: torch.Tensor) -> torch.Tensor:
     return (mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x)).float()
 
 
+def split_channels(act: torch.Tensor, experts: int, shared: int, split: str,
+                   generator: torch.Generator) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """moefy's split of a dense FFN's channels from its activations act [T, I]: the `shared` channels of largest
+    mean |activation| (sorted; None when 0), and the others as `experts` index groups, by `split` (random, or a
+    clustering of their |activation| profiles, balanced or not)."""
+    channels = act.shape[1]
+    kept = torch.topk(act.abs().mean(0), shared).indices.sort().values if shared else None
+    rest = torch.ones(channels, dtype=torch.bool)
+    if kept is not None:
+        rest[kept] = False
+    rest_idx = torch.nonzero(rest).squeeze(1)
+    if split == "random":
+        assign = routing.random_split(len(rest_idx), experts, generator)
+    else:
+        assign = routing.cluster_channels(act[:, rest_idx].abs().T.cpu(), experts, balanced=split == "balanced_cluster",
+                                          generator=generator)
+    return kept, [rest_idx[g] for g in routing.groups_of(assign, experts)]
+
+
 def build_block(mlp: Any, x: torch.Tensor, config: PretrainedConfig, cfg: MoefyConfig,
                 generator: torch.Generator) -> tuple[nn.Module, dict[str, Any], routing.RoutingStats]:
     """The MoE block that replaces dense `mlp`, measured on its inputs x [T, H]."""
@@ -147,18 +166,8 @@ def build_block(mlp: Any, x: torch.Tensor, config: PretrainedConfig, cfg: MoefyC
     with torch.no_grad():
         down = mlp.down_proj.weight.float()  # [H, I]
         act = _activations(mlp, x)
-    channels = act.shape[1]
-    shared = torch.topk(act.abs().mean(0), cfg.shared).indices.sort().values if cfg.shared else None
-    rest = torch.ones(channels, dtype=torch.bool)
-    if shared is not None:
-        rest[shared] = False
-    rest_idx = torch.nonzero(rest).squeeze(1)
-    if cfg.split == "random":
-        assign = routing.random_split(len(rest_idx), E, generator)
-    else:
-        assign = routing.cluster_channels(act[:, rest_idx].abs().T.cpu(), E, balanced=cfg.split == "balanced_cluster",
-                                          generator=generator)
-    groups = [rest_idx[g].tolist() for g in routing.groups_of(assign, E)]
+    shared, experts = split_channels(act, E, cfg.shared, cfg.split, generator)
+    groups = [g.tolist() for g in experts]
     with torch.no_grad():
         expert_out = torch.stack([act[:, g] @ down[:, g].T for g in groups])  # [E, T, H]
     routed_dense = expert_out.sum(0)
