@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
+import statistics
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -160,9 +162,27 @@ def smollm2_model(work: Path) -> Path:
     return out
 
 
+def seed_medians(cells: dict[str, dict[str, Any]], seeded: list[Path]) -> dict[str, dict[str, Any]]:
+    """{row: {column: {"seeds": {seed: ppl}, "median": ppl}}} for each cell that another calibration seed's run
+    (a --seed file) measured too; seed 0 is the table's own cell."""
+    out: dict[str, dict[str, Any]] = {}
+    for part in seeded:
+        seed = int(re.search(r"seed=(\d+)", part.name).group(1))
+        for row, found in json.loads(part.read_text())["cells"].items():
+            for column, c in found.items():
+                if column in cells.get(row, {}):
+                    entry = out.setdefault(row, {}).setdefault(column, {"seeds": {0: cells[row][column]["ppl"]}})
+                    entry["seeds"][seed] = c["ppl"]
+    for row in out.values():
+        for entry in row.values():
+            entry["median"] = statistics.median(entry["seeds"].values())
+    return out
+
+
 def finish(args: argparse.Namespace, subject: Subject, original: float, cells: dict[str, dict[str, Any]],
-           argv: list[str] | None) -> int:
-    """Print the table and the checks of `cells` ({row: {column: cell}}) and write the results JSON."""
+           argv: list[str] | None, medians: dict[str, dict[str, Any]] | None = None) -> int:
+    """Print the table and the checks of `cells` ({row: {column: cell}}) and write the results JSON; a row
+    that other calibration seeds measured (`medians`, from --merge) is judged on the medians of its cells."""
     grids = list(cells)
     methods = list(dict.fromkeys(m for c in cells.values() for m in c))
     methods.sort(key=lambda m: not m.startswith("ours"))  # ours first (stable: each in its order)
@@ -188,7 +208,18 @@ def finish(args: argparse.Namespace, subject: Subject, original: float, cells: d
         lines.append(f"| {m} | " + " | ".join(cell(g, m) for g in grids) + " |")
     checks: dict[str, bool] = {}
     lines.append("")
+    medians = medians or {}
+    for g, found in medians.items():
+        seeds = sorted({s for e in found.values() for s in e["seeds"]})
+        lines += [f"{g} on calibration seeds {', '.join(map(str, seeds))} (the row is judged on the medians of "
+                  "these columns):", "", "| method | " + " | ".join(f"seed {s}" for s in seeds) + " | median |",
+                  "|---|" + "---:|" * (len(seeds) + 1)]
+        lines += [f"| {m} | " + " | ".join(f"{e['seeds'][s]:.{digits}f}" if s in e["seeds"] else "not run"
+                                             for s in seeds) + f" | {e['median']:.{digits}f} |" for m, e in found.items()]
+        lines.append("")
     for g, c in cells.items():
+        if g in medians:  # the columns measured on every seed, by their medians
+            c = {k: {"ppl": e["median"]} for k, e in medians[g].items()}
         # like with like: the mixed column spends more bits (3.5 on average) than the row's grid
         ours = min((v["ppl"] for k, v in c.items() if k.startswith("ours") and "mixed" not in k), default=float("inf"))
         theirs = [v["ppl"] for k, v in c.items() if not k.startswith("ours")]
@@ -206,7 +237,7 @@ def finish(args: argparse.Namespace, subject: Subject, original: float, cells: d
     print("\n".join(lines))
     subject.results.parent.mkdir(parents=True, exist_ok=True)
     subject.results.write_text(json.dumps({"command": " ".join(["eval/bench_ptq.py", *(argv or sys.argv[1:])]),
-                                   "original": original, "cells": cells, "checks": checks,
+                                   "original": original, "cells": cells, "seed_medians": medians, "checks": checks,
                                    "table": "\n".join(lines)}, indent=2) + "\n")
     return 0 if all(checks.values()) else 1
 
@@ -244,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
                (("rows", args.rows), ("columns", args.columns), ("seed", args.seed)) if v is not None]
     if args.merge:
         parts = sorted(subject.results.parent.glob(f"{subject.results.stem}.*.json"), key=lambda f: f.stat().st_mtime)
+        seeded = [f for f in parts if "seed=" in f.name]  # other calibration samples: medians, not the table
+        parts = [f for f in parts if f not in seeded]
         if not parts:
             print(f"nothing to merge: no {subject.results.stem}.*.json in {subject.results.parent}")
             return 2
@@ -254,7 +287,7 @@ def main(argv: list[str] | None = None) -> int:
                 cells.setdefault(row, {}).update({k: {**v, "from": part.name} for k, v in found.items()})
         cells = {r: cells[r] for r in rows if r in cells}
         original = json.loads(parts[-1].read_text())["original"]
-        return finish(args, subject, original, cells, argv)
+        return finish(args, subject, original, cells, argv, seed_medians(cells, seeded))
     if partial:  # a part of the table, or another sample: its own file, the full run's stays
         tag = "-".join(partial).replace(" ", "").replace("/", "")
         subject = replace(subject, results=subject.results.with_name(f"{subject.results.stem}.{tag}.json"))
