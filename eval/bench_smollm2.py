@@ -277,7 +277,12 @@ def serve(args: argparse.Namespace) -> dict[str, Any]:
 
     exports = sorted(p.parent for p in args.work.glob("*/llmslim_report.json")  # the eora and sparse sections'
                      if not p.parent.name.startswith(("cost", "eora-", "sparse-")))  # exports have their own checks
-    results = {p.name: check_served(p) for p in [args.model, *exports]}
+    done = args.work / "serve-checks.json"  # each export's verdict as it comes: a rerun skips those it has
+    results = json.loads(done.read_text()) if done.is_file() else {}
+    for p in [args.model, *exports]:
+        if p.name not in results:
+            results[p.name] = check_served(p)
+            done.write_text(json.dumps(results, indent=1) + "\n")
     pruned = [str(args.work / n) for n in results if n.startswith("prune")]
     tput = None
     if pruned:

@@ -53,7 +53,11 @@ def check_served(export: Path, timeout: float = 900) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                return {"kind": kind, "verdict": f"the server exited ({proc.returncode}): see {log.name}"}
+                log.flush()
+                said = [ln for ln in (export.parent / f"serve-{export.name}.log").read_text().splitlines()
+                        if ln.startswith("error:")]
+                return {"kind": kind, "verdict": f"refused: {said[-1][len('error: '):]}" if said else
+                        f"the server exited ({proc.returncode}): see {log.name}"}
             try:
                 client.models.list()
                 break
@@ -91,9 +95,11 @@ def check_served(export: Path, timeout: float = 900) -> dict[str, Any]:
         return {"kind": kind, "verdict": f"{verdict}; chat: {chat_verdict}", "chat_reply": chat_text,
                 "completions": [c.text for c in choices]}
     finally:
-        os.killpg(proc.pid, 2)  # Ctrl-C: llmslim serve stops vLLM's engine with it
         try:
+            os.killpg(proc.pid, 2)  # Ctrl-C: llmslim serve stops vLLM's engine with it
             proc.wait(60)
+        except ProcessLookupError:  # it had exited (a refusal, a failed start): nothing left to stop
+            pass
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, 9)
         log.close()

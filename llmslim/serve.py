@@ -99,6 +99,21 @@ def cpu_kv_cache_gib(per_token: int, length: int, kv_cache_gib: float | None) ->
     return int(kv_cache_gib)
 
 
+def _check_weight_bits(config: dict[str, Any], kind: cpu.ExportKind, gpu: bool) -> None:
+    """UserError (one line) for compressed-tensors weights vLLM 0.32 does not load here: 4 or 8 bits only, and
+    weight-only on a CPU 4 bits only (cpu.vllm_weight_only_bits); vLLM itself fails deep in its engine start."""
+    groups = ((config.get("quantization_config") or {}).get("config_groups") or {}).values()
+    bits = sorted({int(b) for g in groups if (b := (g.get("weights") or {}).get("num_bits")) is not None})
+    allowed = (4, 8) if kind == "w8a8" else cpu.vllm_weight_only_bits(gpu)
+    bad = [b for b in bits if b not in allowed]
+    if bad:
+        where = "GPUs" if gpu else "CPUs"
+        on_gpu = not gpu and kind != "w8a8" and bad[0] in cpu.vllm_weight_only_bits(True)
+        raise UserError(f"this export stores {bad[0]}-bit weights ({'W8A8' if kind == 'w8a8' else 'weight-only'}), and "
+                        f"vLLM 0.32 loads {' or '.join(map(str, allowed))}-bit ones here ({where}): quantize at "
+                        f"{allowed[0]} bits{', serve it on a GPU' if on_gpu else ''} or use it in transformers")
+
+
 def serve_plan(config: dict[str, Any], *, gpu: bool, features: cpu.CpuFeatures | None = None,
                max_model_len: int | None = None, kv_cache_gib: float | None = None,
                draft: tuple[str, dict[str, Any], int] | None = None) -> ServePlan:
@@ -117,6 +132,7 @@ def serve_plan(config: dict[str, Any], *, gpu: bool, features: cpu.CpuFeatures |
     c = text_config(config)
     length = _length(int(c.get("max_position_embeddings") or DEFAULT_MAX_LEN), max_model_len)
     kind = cpu.export_kind(config)
+    _check_weight_bits(config, kind, gpu)
     declared = checkpoint_dtype(config)
     notes: list[str] = []
     if gpu:

@@ -92,6 +92,22 @@ def test_gpu_plan_serves_everything_quantized_in_16_bits():
     assert serve_plan(BIG, gpu=True, kv_cache_gib=2).args[-1] == f"--kv-cache-memory-bytes={2 * 2**30}"
 
 
+@pytest.mark.parametrize("gpu", [False, True])
+@pytest.mark.parametrize("bits", [3, 8])
+def test_weight_bits_vllm_does_not_load_here_are_refused_in_one_line(bits, gpu):
+    """vLLM 0.32 loads 4- and 8-bit compressed-tensors weights, weight-only on a CPU 4-bit only; anything else
+    failed deep in its engine start (a 3-bit QAT export of SmolLM2), so the plan refuses it first."""
+    config = quantized(REF, QuantScheme(bits, 64))
+    if bits == 8 and gpu:
+        assert serve_plan(config, gpu=True).args  # W8A16 is served on GPUs
+        return
+    with pytest.raises(UserError) as e:
+        serve_plan(config, gpu=gpu, features=FAMILY_FEATURES["amx"])
+    assert f"this export stores {bits}-bit weights (weight-only)" in str(e.value) and "\n" not in str(e.value)
+    assert ("serve it on a GPU" in str(e.value)) == (bits == 8 and not gpu)
+    assert serve_plan(quantized(REF, QuantScheme(4, 64)), gpu=gpu, features=FAMILY_FEATURES["amx"]).args
+
+
 def test_max_model_len_is_the_context_capped_at_8192_and_never_beyond_it():
     avx2 = FAMILY_FEATURES["avx2"]
     assert "--max-model-len=8192" in serve_plan(BIG, gpu=True).args  # 128K context: capped
