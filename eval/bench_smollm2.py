@@ -295,8 +295,8 @@ def serve(args: argparse.Namespace) -> dict[str, Any]:
     rows = [[n, r["kind"], r["verdict"]] for n, r in results.items()]
     text = "Each export served by `llmslim serve`, asked through the openai client:\n\n" + table(
         ["export", "format", "greedy tokens against transformers"], rows)
-    if tput:
-        text += "\n\n" + tput.get("table", "")
+    if tput:  # bench_serving's JSON: its markdown as a list of lines
+        text += "\n\n" + "\n".join(tput["tables"])
     return {"exports": results, "throughput": tput, "table": text}
 
 
