@@ -54,7 +54,7 @@ def check_served(export: Path, timeout: float = 900) -> dict[str, Any]:
         while True:
             if proc.poll() is not None:
                 log.flush()
-                said = [ln for ln in (export.parent / f"serve-{export.name}.log").read_text().splitlines()
+                said = [ln for ln in Path(log.name).read_text().splitlines()
                         if ln.startswith("error:")]
                 return {"kind": kind, "verdict": f"refused: {said[-1][len('error: '):]}" if said else
                         f"the server exited ({proc.returncode}): see {log.name}"}

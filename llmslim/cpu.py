@@ -194,6 +194,9 @@ def vllm_cpu_run(kind: ExportKind, f: CpuFeatures, checkpoint_dtype: str = "bflo
     return VllmRun(sixteen, True, False, "vLLM's weight-only CPU kernel takes bf16/fp16 activations only")
 
 
+VLLM_BITS = (4, 8)  # vLLM's WNA16 kernels take 4 and 8 bits; its int8 W8A8 path takes 8
+
+
 def vllm_weight_only_bits(gpu: bool) -> tuple[int, ...]:
     """Weight-only (W{n}A16) bit widths vllm 0.32 loads. GPUs: 4 and 8 (Marlin, Machete, ...). CPUs: 4 only:
     its CPUWNA16 scheme takes uint4/uint4b8 and refuses an 8-bit weight-only Linear at load, on every CPU

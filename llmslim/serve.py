@@ -104,7 +104,7 @@ def _check_weight_bits(config: dict[str, Any], kind: cpu.ExportKind, gpu: bool) 
     weight-only on a CPU 4 bits only (cpu.vllm_weight_only_bits); vLLM itself fails deep in its engine start."""
     groups = ((config.get("quantization_config") or {}).get("config_groups") or {}).values()
     bits = sorted({int(b) for g in groups if (b := (g.get("weights") or {}).get("num_bits")) is not None})
-    allowed = (4, 8) if kind == "w8a8" else cpu.vllm_weight_only_bits(gpu)
+    allowed = cpu.VLLM_BITS if kind == "w8a8" else cpu.vllm_weight_only_bits(gpu)
     bad = [b for b in bits if b not in allowed]
     if bad:
         where = "GPUs" if gpu else "CPUs"

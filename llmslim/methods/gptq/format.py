@@ -16,13 +16,12 @@ from typing import Any
 import torch
 
 from ...adapters import Adapter
-from ...cpu import vllm_weight_only_bits
+from ...cpu import VLLM_BITS, vllm_weight_only_bits
 from ..configs.gptq import QuantFields, matches
 
 # Linears that share their input: one Hessian serves the whole group (names relative to a decoder layer).
 ATTENTION_GROUPS = (("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",))
 MLP_GROUPS = (("gate_proj", "up_proj"), ("down_proj",))
-VLLM_BITS = (4, 8)  # vLLM's WNA16 kernels take 4 and 8 bits; its int8 W8A8 path takes 8
 
 
 @dataclass(frozen=True)
