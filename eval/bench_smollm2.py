@@ -262,7 +262,8 @@ def moe(args: argparse.Namespace) -> dict[str, Any]:
 def memory(args: argparse.Namespace) -> dict[str, Any]:
     size = 134_515_008 * 4
     found: dict[str, int] = {}
-    for report_path in sorted(args.work.glob("*/llmslim_report.json")):
+    # this section's exports and, one level down, bench_ptq's (--work/smollm2/ours-*: autoround's among them)
+    for report_path in sorted([*args.work.glob("*/llmslim_report.json"), *args.work.glob("*/*/llmslim_report.json")]):
         for s in json.loads(report_path.read_text())["stages"]:
             if s["method"] in ("gptq", "autoround", "distill", "qat") and s.get("peak_rss_bytes"):
                 found[s["method"]] = max(found.get(s["method"], 0), s["peak_rss_bytes"])

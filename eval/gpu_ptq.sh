@@ -8,10 +8,9 @@
 # Carried: .whl/ (wheels the image lacks, see eval/gpu_run.sh) and .shared/ (a copy of ../shared).
 set -u
 OUT=${OUT:-/tmp/gpu-ptq}; mkdir -p "$OUT" /tmp/runs /tmp/recipes
-export PYTHONUNBUFFERED=1 LLMSLIM_SHARED=$PWD/.shared TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+. eval/gpu_env.sh
+install_wheels || exit 1
+use_wheels
 nvidia-smi -L
 S=$LLMSLIM_SHARED; DEV=$S/data/tinystories/dev.txt
 stories() {  # name, stages (YAML flow list)

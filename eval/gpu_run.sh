@@ -8,10 +8,9 @@
 # compressed-tensors, loguru, bitsandbytes) and .shared/ (a copy of ../shared). Files land in $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu-run}; mkdir -p "$OUT" /tmp/runs
-export PYTHONUNBUFFERED=1 LLMSLIM_SHARED=$PWD/.shared TOKENIZERS_PARALLELISM=false
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 1
-export PYTHONPATH=/tmp/site:$PWD
+. eval/gpu_env.sh
+install_wheels || exit 1
+use_wheels
 nvidia-smi -L
 python3 - <<'PY' || exit 1
 import bitsandbytes, compressed_tensors, datasets, peft, pyarrow, torch, transformers, accelerate

@@ -16,18 +16,16 @@
 # and the GGUF's SHA-256 (.shared/gguf.sha256). Logs and result JSONs land in $OUT.
 set -u
 OUT=${OUT:-/tmp/gpu-smollm2}; mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1 LLMSLIM_SHARED=$PWD/.shared TOKENIZERS_PARALLELISM=false
-PY=${PY:-python3}
+. eval/gpu_env.sh
 if [ "${1:-}" = park ]; then
   cp .gpu/part00 /tmp/part00 || exit 1
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || exit 1
+  install_wheels || exit 1
   echo "parked: /tmp/part00 and /tmp/site"; exit 0
 fi
 [ -f /tmp/part00 ] || { echo "no /tmp/part00: this is not the machine call 1 parked it on"; exit 3; }
 mkdir -p models && cat /tmp/part00 .gpu/part01 >models/SmolLM2-135M-Instruct.Q4_1.gguf || exit 1
 sha256sum -c .shared/gguf.sha256 || exit 4
-export PYTHONPATH=/tmp/site:$PWD
+use_wheels
 mkdir -p .venv/bin  # the benchmark starts runs through .venv/bin/llmslim
 [ -x .venv/bin/llmslim ] || { printf '#!/bin/sh\nexec %s -m llmslim "$@"\n' "$PY" >.venv/bin/llmslim; chmod +x .venv/bin/llmslim; }
 [ -x /usr/bin/time ] || {  # the benchmark reads each run's peak RSS from GNU time; the image may lack it
