@@ -185,7 +185,14 @@ ADAPTER_TEXT = {  # what the adapter is, per folder
     "eora": "an EoRA adapter in `eora/` (rank {rank}): a low-rank correction of the quantization error",
     "qat": "the LoRA adapter its quantization-aware training learned in `qat/` (rank {rank}), kept apart from the "
            "quantized base it was trained over",
+    "qat-nf4": "the LoRA adapter its QLoRA training learned in `qat/` (rank {rank}) over the NF4 rounding of these "
+               "weights before they were quantized (the stage notes measure the gap)",
 }
+
+
+def _adapter_text(report: dict[str, Any], name: str, rank: int) -> str:
+    trained_on_nf4 = any("nf4_shift" in rec.get("notes", {}) for rec in report.get("stages", []))
+    return ADAPTER_TEXT[f"{name}-nf4" if name == "qat" and trained_on_nf4 else name].format(rank=rank)
 
 
 def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: dict[str, Any],
@@ -209,6 +216,7 @@ def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: 
     lines += _stage_table(report) + [""] + _eval_table(report) + [""]
     found = lora_adapter(report)
     name, rank = found if found else ("", None)
+    compressed = report["export"]["format"] == "compressed-tensors"
     local = repo_id.split("/")[-1]
     commands = usage_commands(local if rank else repo_id, config, rank, name)
     lines += ["## Usage", ""]
@@ -224,7 +232,8 @@ def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: 
                   f"`{speculative_args(repo_id, DEFAULT_SPEC_TOKENS)[0]}`.", "",
                   "On its own:", ""]
     if rank:  # eora, qat merge: false: a LoRA adapter in eora/ or qat/, which vLLM reads from a local folder
-        lines += [f"The quantized base comes with {ADAPTER_TEXT[name].format(rank=rank)}. Download the repository, "
+        lines += [f"The {'quantized ' if compressed else ''}base comes with {_adapter_text(report, name, rank)}. "
+                  "Download the repository, "
                   f"then serve the base with the adapter; requests naming the model `{name}` get the model with "
                   "the adapter, the base's own name the base alone.", "",
                   "```bash", f"huggingface-cli download {repo_id} --local-dir {local}", "```", ""]
@@ -239,11 +248,15 @@ def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: 
               f'tokenizer = AutoTokenizer.from_pretrained("{repo_id}")',
               'inputs = tokenizer("Once upon a time", return_tensors="pt")',
               "print(tokenizer.decode(model.generate(**inputs, max_new_tokens=32)[0]))", "```", ""]
-    if rank:
+    if rank and compressed:
         lines += ["With the adapter (`pip install peft`; the base decompressed to dense Linears for it):", "",
                   "```python", "from peft import PeftModel", "from transformers import CompressedTensorsConfig", "",
                   f'base = AutoModelForCausalLM.from_pretrained("{local}", dtype="auto", '
                   "quantization_config=CompressedTensorsConfig(run_compressed=False))",
+                  f'model = PeftModel.from_pretrained(base, "{local}/{name}")', "```", ""]
+    elif rank:  # a dense base (qat base nf4 with nothing after it)
+        lines += ["With the adapter (`pip install peft`):", "", "```python", "from peft import PeftModel", "",
+                  f'base = AutoModelForCausalLM.from_pretrained("{local}", dtype="auto")',
                   f'model = PeftModel.from_pretrained(base, "{local}/{name}")', "```", ""]
     lines += sections
     if recipe:

@@ -176,8 +176,9 @@ def transformers_model(model_dir: str | Path) -> torch.nn.Module:
         from peft import PeftModel
         from transformers import CompressedTensorsConfig
 
-        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,  # dense Linears for peft
-                                                    quantization_config=CompressedTensorsConfig(run_compressed=False))
+        dense = {} if _quantization(model_dir) is None else {  # a dense base (qat base nf4 alone) loads as it is
+            "quantization_config": CompressedTensorsConfig(run_compressed=False)}  # dense Linears for peft
+        base = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, **dense)
         model = PeftModel.from_pretrained(base.eval(), str(lora)).eval()
     q = _quantization(model_dir)
     if q is not None and _weight_bits(q)[1] == 8:

@@ -59,7 +59,7 @@ def write_weights(ckpt: Checkpoint, dst: Path, dtype: torch.dtype, max_shard_byt
         for f in weight_files(ckpt):
             link_or_copy(f, dst / f.name)
         shutil.copy2(ckpt.path / "config.json", dst / "config.json")
-        _copy_lora_adapter(ckpt.path, dst)
+        copy_lora_adapter(ckpt.path, dst)
         return
     writer = CheckpointWriter(dst, max_shard_bytes=max_shard_bytes)
     writer.add(ckpt.read([n for n in ckpt.names if layer_of(n) is None], dtype))
@@ -68,10 +68,11 @@ def write_weights(ckpt: Checkpoint, dst: Path, dtype: torch.dtype, max_shard_byt
     config = ckpt.config
     config.dtype = dtype
     writer.close(config)
+    copy_lora_adapter(ckpt.path, dst)
 
 
-def _copy_lora_adapter(src: Path, dst: Path) -> None:
-    """A LoRA adapter folder beside the weights (eora's) travels with them."""
+def copy_lora_adapter(src: Path, dst: Path) -> None:
+    """A LoRA adapter folder beside the weights (eora's, qat's) travels with them, unchanged."""
     from .formats.lora import adapter_dir
 
     folder = adapter_dir(src)

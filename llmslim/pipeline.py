@@ -32,7 +32,7 @@ from .adapters import Adapter
 from .checkpoint import DTYPES, Checkpoint, copy_side_files
 from .data import DataHub
 from .errors import UserError
-from .export import verify_shapes, weight_bytes
+from .export import copy_lora_adapter, verify_shapes, weight_bytes
 from .faults import crash_point
 from .gguf import ROUNDING_NOTE, is_gguf, source_record
 from .launch import Launch
@@ -427,6 +427,7 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
         with PeakMemory() as mem:
             result = method_run(ctx, stage.config)
         seconds = time.perf_counter() - started
+        _carry_adapter(ctx, result.notes)
         out = Checkpoint(tmp)
         planned, produced = states[stage.index + 1].shape, out.adapter.shape(out.config)
         if planned != produced:
@@ -461,6 +462,20 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
     report = export_and_report(recipe, work, src_dir, source, current, rows, state, data, dtype, progress,
                                replace_output=replace_output, full_hash=full_hash)
     return _push(recipe, work, state, report)
+
+
+def _carry_adapter(ctx: StageContext, notes: dict[str, Any]) -> None:
+    """A LoRA adapter an earlier stage wrote beside dense weights (qat, base nf4, merge: false) stays beside the
+    weights of the stage after it, unchanged: the plan lets only a quantizer follow such a stage."""
+    from .formats.lora import adapter_dir
+
+    folder = adapter_dir(ctx.source.path)
+    if ctx.before.lora_rank is None or folder is None or adapter_dir(ctx.out_dir) is not None:
+        return
+    copy_lora_adapter(ctx.source.path, ctx.out_dir)
+    trained = f"; trained over {ctx.before.lora_trained_on}, not over this stage's grid" if ctx.before.lora_trained_on else ""
+    notes["adapter_kept"] = f"{folder.name}/ of the stage before, unchanged{trained}"  # not `adapter`: the card
+    # reads that key as "this stage wrote the adapter"
 
 
 def _push(recipe: Recipe, work: Workspace, state: dict[str, Any], report: dict[str, Any]) -> dict[str, Any]:

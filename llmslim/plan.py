@@ -50,7 +50,8 @@ class PlanState:
     source_dir: Path | None = None  # the recipe's model directory (e.g. to compare a teacher's tokenizer)
     awq_grid: Grid | None = None  # the grid an awq stage searched its scales on (the next quantizer must match)
     original: PretrainedConfig | None = None  # the recipe's model before the first stage (the default teacher)
-    lora_rank: int | None = None  # an eora stage wrote a LoRA adapter beside the quantized weights: its largest rank
+    lora_rank: int | None = None  # an eora or qat (merge: false) stage wrote a LoRA adapter beside the weights: its largest rank
+    lora_trained_on: str | None = None  # the base that adapter trained over, when a later stage re-quantizes it (NF4)
     sparsity: str | None = None  # a sparsity stage zeroed weights ("unstructured" or "N:M"): what follows keeps them
     sparse_linears: tuple[str, ...] = ()  # the Linears it pruned (model.layers.i.name): a training stage masks them
 
@@ -114,9 +115,12 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
     rows = [PlanRow(label, state.shape, *state.size())]
     states = [state]
     problems = []
-    quantized_at = sparse_at = None
+    quantized_at = sparse_at = adapter_at = None
     for stage in recipe.stages:
         method = METHODS[stage.method]
+        if adapter_at is not None and (problem := _after_dense_adapter(recipe, stage, adapter_at, state)):
+            problems.append(problem)
+            break
         if sparse_at is not None and method.changes_shape:  # training keeps the mask (llmslim.training.masks)
             problems.append(f"{recipe.where(('stages', stage.index))}: stages[{stage.index}]: {stage.method} cannot "
                             f"follow the sparsity stage in stages[{sparse_at}] (it changes the shapes the mask was "
@@ -138,6 +142,7 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
             sparse_at = stage.index
         if state.quant is not None and quantized_at is None:  # this stage wrote quantized weights (qat with
             quantized_at = stage.index  # base nf4 does not)
+        adapter_at = stage.index if state.lora_rank is not None and state.quant is None else None
         states.append(state)
         rows.append(PlanRow(f"{stage.index}: {stage.method}", state.shape, *state.size()))
     limitation = state.quant.vllm_limitation(torch.cuda.is_available()) if state.quant is not None else None
@@ -149,6 +154,32 @@ def make_plan(recipe: Any, state: PlanState) -> tuple[list[PlanRow], list[PlanSt
     if problems:
         raise RecipeError(problems)
     return rows, states
+
+
+def _after_dense_adapter(recipe: Any, stage: Any, adapter_at: int, state: PlanState) -> str | None:
+    """Why `stage` cannot follow stages[adapter_at], which left a dense base with a LoRA adapter trained over it
+    (qat, base nf4, merge: false), or None. Only a quantizer keeps what the adapter was trained on: the Linears'
+    inputs and the weights up to rounding; training, pruning, a second adapter or awq's folded scales (which
+    divide the inputs the adapter multiplies) would not."""
+    from .registry import METHODS
+
+    method = METHODS[stage.method]
+    fix = f"put {stage.method} before the qat stage, or use merge: true"
+    if method.follows_quantization:
+        fix = f"a model has one adapter: drop {stage.method}, or use merge: true"
+    elif not (method.trains or method.changes_shape):
+        try:
+            after = method.planner()(state, stage.config)
+        except PlanError:
+            return None  # the stage's own planner says why, with its field
+        if after.sparsity != state.sparsity:
+            fix = "the dense adapter would fill its zeros: prune first, then train with qat base: grid, merge: true"
+        elif after.quant is not None:
+            return None
+    return (f"{recipe.where(('stages', stage.index))}: stages[{stage.index}]: {stage.method} cannot follow "
+            f"stages[{adapter_at}] (qat, base nf4, merge: false): its LoRA adapter was trained over those dense "
+            "weights and only gptq, rtn or autoround keep what it computes on (awq divides its inputs by folded "
+            f"scales; training, pruning or a second adapter change the model under it); {fix}")
 
 
 def _draft_problems(recipe: Any, target: str, state: PlanState) -> list[str]:

@@ -13,7 +13,11 @@ and the export is those integers (compressed-tensors) plus the adapters as a PEF
 base: nf4. QLoRA proper: the Linears become bitsandbytes 4-bit NormalFloat (double quantization) and
 peft adapters train on top; at the end the adapters are merged into the dequantized weights, written
 dense in the working dtype for a following gptq/rtn stage. The notes say how far that stage's grid (round
-to nearest on it, as a yardstick) moves the merged weights.
+to nearest on it, as a yardstick) moves the merged weights. `merge: false` writes the input's own weights W0
+instead (dense, working dtype: not their NF4 rounding, so the quantizer that follows starts from the real
+weights) and the adapters as the PEFT LoRA adapter in `qat/`. The plan lets only a quantizer (gptq, rtn,
+autoround) follow; it quantizes W0 and the runner keeps `qat/` beside its weights, unchanged. The adapter was
+trained over NF4, not over that grid: the notes measure how far each moves W0, relative to its norm.
 
 After a sparsity stage (base grid, merged) the pruned Linears keep their zeros: the start holds them on
 the grid's zero points (GPTQ treats them as fixed zeros), the forward fake-quantizes (W0 + (alpha/r) B A)
@@ -76,7 +80,9 @@ def plan(state: PlanState, cfg: QatConfig) -> PlanState:
                                     "4-bit weights (accelerate leaves them replicated) and llmslim cannot gather "
                                     "them with the adapters; run it on one process or under DDP "
                                     "(accelerate launch --multi_gpu)")
-        return state  # dense in, dense out: the stage after it quantizes
+        if cfg.merge:
+            return state  # dense in, dense out: the stage after it quantizes
+        return replace(state, lora_rank=cfg.lora.r, lora_trained_on="NF4")  # the input's weights + the adapter
     state = gptq.plan(state, cfg)
     return state if cfg.merge else replace(state, lora_rank=cfg.lora.r)  # the adapter beside the base
 
@@ -278,25 +284,64 @@ def merge_nf4(model: Any) -> Any:
     return base
 
 
+def _next_grid_shift(ctx: StageContext, weights: dict[str, torch.Tensor], what: str) -> dict[str, str]:
+    """How far the next stage's grid (rtn on it, as a yardstick) moves `weights`, relative to their norm, as a
+    note ({} when no quantizing stage follows)."""
+    nxt = ctx.recipe.stages[ctx.stage.index + 1].config if ctx.stage.index + 1 < len(ctx.recipe.stages) else None
+    if not isinstance(nxt, QuantFields):
+        return {}
+    shift, norm = 0.0, 0.0
+    for w in weights.values():
+        gs = QuantFormat.of(nxt).group_for(w.shape[1])
+        if gs is not None:
+            w = w.float()  # one Linear at a time: no float32 copy of the whole model
+            shift += float((rtn_quantize(w, bits=nxt.bits, group_size=gs, symmetric=nxt.symmetric).weight - w)
+                           .pow(2).sum())
+            norm += float(w.pow(2).sum())
+    if not norm:
+        return {}
+    return {"next_grid_shift": f"rounding {what} to the next stage's W{nxt.bits} grid (rtn) moves them by "
+                               f"{100 * (shift / norm) ** 0.5:.2f} % of their norm"}
+
+
 def _merge_nf4(ctx: StageContext, model: Any) -> tuple[Any, dict[str, Any]]:
-    """`merge_nf4`, and how far the next stage's grid (rtn on it) moves the merged weights, relative to
-    their norm."""
+    """`merge_nf4`, and how far the next stage's grid moves the merged weights."""
     names = {n for n, m in model.get_base_model().named_modules() if hasattr(m, "base_layer")}
     base = merge_nf4(model)
-    nxt = ctx.recipe.stages[ctx.stage.index + 1].config if ctx.stage.index + 1 < len(ctx.recipe.stages) else None
-    shift, norm = 0.0, 0.0
-    if isinstance(nxt, QuantFields):
-        for name in sorted(names):
-            w = base.get_submodule(name).weight.data
-            gs = QuantFormat.of(nxt).group_for(w.shape[1])
-            if gs is not None:
-                shift += float((rtn_quantize(w, bits=nxt.bits, group_size=gs, symmetric=nxt.symmetric).weight - w)
-                               .pow(2).sum())
-                norm += float(w.pow(2).sum())
-    notes = {"base": "nf4 (bitsandbytes, double quantization), adapters merged into the dequantized weights"}
-    if norm:
-        notes["next_grid_shift"] = (f"rounding the merged weights to the next stage's W{nxt.bits} grid (rtn) moves "  # type: ignore[union-attr]
-                                    f"them by {100 * (shift / norm) ** 0.5:.2f} % of their norm")
+    notes = {"base": "nf4 (bitsandbytes, double quantization), adapters merged into the dequantized weights",
+             **_next_grid_shift(ctx, {n: base.get_submodule(n).weight.data for n in sorted(names)},
+                                "the merged weights")}
+    return base, notes
+
+
+@torch.no_grad()
+def _nf4_apart(ctx: StageContext, cfg: QatConfig, model: Any) -> tuple[Any, dict[str, Any]]:
+    """merge: false over NF4: the input's own dense weights W0 (not their NF4 rounding: the quantizing stage
+    that follows starts from the real weights) in the working dtype, and the adapters as a PEFT LoRA adapter in
+    `qat/` (lora_alpha as trained). The notes say how far NF4, which the adapter was trained over, and the
+    next stage's grid, which it will be served over, each move W0."""
+    import bitsandbytes.functional as bnbf
+
+    base = LazyModel(ctx.source, ctx.dtype).materialize_all()
+    pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    moved, norm = 0.0, 0.0
+    for name, module in model.get_base_model().named_modules():
+        if hasattr(module, "base_layer"):
+            key = module.active_adapters[0]
+            pairs[name] = (module.lora_B[key].weight.detach().cpu(), module.lora_A[key].weight.detach().cpu())
+            weight: Any = module.base_layer.weight
+            w = base.get_submodule(name).weight.data.float()
+            moved += float((bnbf.dequantize_4bit(weight.data, weight.quant_state).float().cpu() - w).pow(2).sum())
+            norm += float(w.pow(2).sum())
+    w0 = {n: base.get_submodule(n).weight.data for n in sorted(pairs)}
+    linears = [n for n, m in base.named_modules() if isinstance(m, nn.Linear)]  # short target names only if exact
+    size = write_adapter(ctx.out_dir / ADAPTER, pairs, ctx.dtype, linears, alpha=cfg.lora.alpha)
+    notes = {"base": "the input's weights, dense; the adapter trained over their NF4 rounding (bitsandbytes, double "
+                     "quantization) and is written apart", "adapter": ADAPTER, "rank": cfg.lora.r,
+             "lora_alpha": cfg.lora.alpha, "adapter_bytes": size,
+             "nf4_shift": f"NF4, which the adapter trained over, moves the base weights by "
+                          f"{100 * (moved / max(norm, 1e-30)) ** 0.5:.2f} % of their norm",
+             **_next_grid_shift(ctx, w0, "the base weights")}
     return base, notes
 
 
@@ -318,7 +363,7 @@ def run(ctx: StageContext, cfg: QatConfig) -> StageResult:
     result, notes, in_memory = train_student(ctx, cfg, _nf4_student(ctx, cfg))
     if not ctx.is_main_process:
         return StageResult({}, notes, in_memory)
-    model, nf4_notes = _merge_nf4(ctx, result.model)
+    model, nf4_notes = _merge_nf4(ctx, result.model) if cfg.merge else _nf4_apart(ctx, cfg, result.model)
     model = model.to("cpu").to(ctx.dtype)
     ctx.save(model)
     notes.update(nf4_notes)

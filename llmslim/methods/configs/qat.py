@@ -17,11 +17,13 @@ VLLM_RANKS = get_args(Rank)  # the adapter ranks vLLM's --max-lora-rank takes (a
 class QatConfig(TrainFields, QuantFields):
     """Quantization-aware training with LoRA: on the export grid (`base: grid`, exported exactly as trained),
     or QLoRA on a 4-bit NormalFloat base (`base: nf4`, merged for a following gptq/rtn stage). With `merge:
-    false` (base grid) the adapters stay apart: a quantized base plus a LoRA adapter vLLM serves per request."""
+    false` the adapters stay apart: a quantized base (base nf4: the dense input weights, for the quantizing
+    stage that follows) plus a LoRA adapter vLLM serves per request."""
 
     base: Literal["grid", "nf4"] = "grid"
     """grid: train on the integer grid the stage exports (bits, group_size, symmetric, ignore); nf4:
-    bitsandbytes NF4 base weights with double quantization (QLoRA), merged and written dense."""
+    bitsandbytes NF4 base weights with double quantization (QLoRA), merged and written dense (merge: false:
+    the input's weights written dense, the adapter apart)."""
     init: Literal["rtn", "gptq"] = "gptq"
     """How W0 and the grid's scales start (base grid): round to nearest, or GPTQ on `calib_data`."""
     calib_data: str | None = None
@@ -34,10 +36,13 @@ class QatConfig(TrainFields, QuantFields):
     """Peak learning rate (AdamW) of the adapters (and scales)."""
     merge: bool = True
     """true: the adapters are merged into the weights (base grid: training and export use Q(W0 + (alpha/r) B A),
-    one model, best quality per byte). false (base grid only): the base integers stay frozen, training
-    computes Q(W0) x + (alpha/r) B A x, and the export is that quantized base plus a PEFT LoRA adapter in
-    `qat/` that vLLM serves unmerged (`--enable-lora`); lora.r must then be one of 8, 16, 32, 64, 128, 256.
-    After a sparsity stage only base grid with merge: true keeps its zeros (the others are refused)."""
+    one model, best quality per byte). false: the adapters are written apart, as a PEFT LoRA adapter in `qat/`
+    that vLLM serves unmerged (`--enable-lora`); lora.r must then be one of 8, 16, 32, 64, 128, 256. Base
+    grid: the base integers stay frozen, training computes Q(W0) x + (alpha/r) B A x, and the export is that
+    quantized base plus the adapter. Base nf4: the stage writes the input's dense weights W0 plus the adapter
+    (trained over NF4); only a quantizing stage (gptq, rtn, autoround) may follow, which keeps the adapter
+    beside its grid (the notes measure how far that grid and NF4 move W0). After a sparsity stage only base
+    grid with merge: true keeps its zeros (the others are refused)."""
 
     @model_validator(mode="after")
     def _check_qat(self) -> QatConfig:
@@ -54,9 +59,6 @@ class QatConfig(TrainFields, QuantFields):
             raise ValueError("base nf4 is bitsandbytes' 4-bit NormalFloat with its own blocks: bits, group_size, "
                              "symmetric, activation_bits, observer, learn_scales and init apply to base grid only; leave "
                              "them out (the grid is chosen by the gptq/rtn stage that follows)")
-        if not self.merge and self.base == "nf4":
-            raise ValueError("merge: false needs base: grid (vLLM serves a LoRA adapter over a compressed-tensors "
-                             "base, not over bitsandbytes NF4); use base: grid, or merge: true with base nf4")
         if not self.merge and self.lora.r not in VLLM_RANKS:
             raise ValueError(f"merge: false writes an adapter vLLM serves: lora.r must be one of "
                              f"{', '.join(map(str, VLLM_RANKS))} (got {self.lora.r}), or use merge: true")
