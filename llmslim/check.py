@@ -194,8 +194,8 @@ def _max_len(model_dir: str | Path, prompts: list[list[int]]) -> int:
     return min(cfg.max_position_embeddings, max(need, 128))
 
 
-def run_vllm_jobs(jobs: list[dict], timeout: float = 900) -> list[dict]:
-    """Run several vLLM jobs in one child process (one Python start-up for all of them)."""
+def run_vllm_jobs(jobs: list[dict], timeout: float | None = 900) -> list[dict]:
+    """Run several vLLM jobs in one child process (one Python start-up for all of them); timeout None: no limit."""
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     env.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -11,11 +11,15 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from .errors import UserError
 from .recipe import DataSource
+
+if TYPE_CHECKING:
+    from .generated import Generations
 
 log = logging.getLogger(__name__)
 
@@ -122,13 +126,17 @@ def windows(stream: torch.Tensor, seq_len: int, samples: int | None, *, seed: in
 
 
 class DataHub:
-    """Token windows for the recipe's named sources, tokenized once per source and cached."""
+    """Token windows for the recipe's named sources, tokenized once per source and cached. A source with
+    `generate` needs `generations` (llmslim.generated), which turns windows of its text into a model's
+    continuations; its stream is then those windows end to end, which cut back into the same windows."""
 
-    def __init__(self, sources: dict[str, DataSource], tokenizer, *, seed: int, max_len: int | None = None):
+    def __init__(self, sources: dict[str, DataSource], tokenizer, *, seed: int, max_len: int | None = None,
+                 generations: Generations | None = None):
         self.sources = sources
         self.tokenizer = tokenizer
         self.seed = seed
         self.max_len = max_len
+        self.generations = generations
         self._streams: dict[str, torch.Tensor] = {}
 
     def stream(self, name: str) -> torch.Tensor:
@@ -136,11 +144,24 @@ class DataHub:
             if self.tokenizer is None:
                 raise UserError(f"data.{name}: the model has no tokenizer files, so text cannot be tokenized")
             self._streams[name] = tokenize(read_text(self.sources[name], name), self.tokenizer)
+            if self.sources[name].generate is not None:
+                self._streams[name] = self._generated(name, self._streams[name]).flatten()
             log.info("data.%s: %d tokens", name, self._streams[name].numel())
         return self._streams[name]
 
+    def _generated(self, name: str, text: torch.Tensor) -> torch.Tensor:
+        """The model's windows [samples, seq_len] for prompts from windows of the source's text."""
+        src = self.sources[name]
+        if self.generations is None:
+            raise UserError(f"data.{name}.generate: generated data is made by `llmslim run` (it needs the run's work "
+                            "directory); here, use a source without generate")
+        prompts_from = windows(text, src.seq_len, src.samples, seed=self.seed, name=name)
+        return self.generations.windows(name, src, prompts_from)
+
     def seq_len(self, name: str) -> int:
         n = self.sources[name].seq_len
+        if self.sources[name].generate is not None:  # its windows are fixed (validated against the context)
+            return n
         return min(n, self.max_len) if self.max_len else n
 
     def calibration(self, name: str) -> torch.Tensor:

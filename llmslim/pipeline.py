@@ -2,6 +2,7 @@
 
 A run is a chain of units of work, each recorded when it completes, so that a rerun of the same command
 after a kill anywhere continues from the last completed one (work files: see workspace.py):
+- the windows of data sources that a model generates (`generate:`; generated/NAME.safetensors, keyed);
 - the original model's evaluation (state.json `eval_before`);
 - each stage: its checkpoint is complete once renamed from `.tmp` and carries its own record
   (llmslim_stage.json), so a kill between the rename and the state update loses nothing; inside a stage,
@@ -34,6 +35,7 @@ from .data import DataHub
 from .errors import UserError
 from .export import copy_lora_adapter, verify_shapes, weight_bytes
 from .faults import crash_point
+from .generated import GENERATED_DIR
 from .gguf import ROUNDING_NOTE, is_gguf, source_record
 from .launch import Launch
 from .loading import download, load_tokenizer, looks_like_hub_id
@@ -222,9 +224,14 @@ def validate(recipe: Recipe, work: Workspace, *, replace_output: bool = False) -
 
 
 def _check_paths(recipe: Recipe, work: Workspace, src: Path, replace_output: bool) -> None:
+    from .errors import RecipeError
+    from .generated import generation_problems
+
     for name, src_data in recipe.spec.data.items():
         if src_data.path is not None and not Path(src_data.path).is_file():
             raise UserError(f"{recipe.where(('data', name, 'path'))}: data.{name}.path: file not found: {src_data.path}")
+    if problems := generation_problems(recipe.spec.data, src if src.is_dir() else None, recipe.where):
+        raise RecipeError(problems)
     check_output_paths(work, protected_paths(recipe, src))
     problem = output_problem(work.output, hashes=False)  # a quick look; deleting looks at the content too
     if problem and not replace_output:
@@ -352,6 +359,27 @@ def run(recipe: Recipe, *, fresh: bool = False, replace_output: bool = False, pr
         raise
 
 
+def _data_hub(recipe: Recipe, work: Workspace, src_dir: Path, source: Checkpoint, device: torch.device,
+              progress: Progress, create: bool = True) -> DataHub:
+    """The recipe's data; `generate` sources are made (create=False: read back) in the work directory."""
+    from .generated import Generations
+
+    generations = Generations(work.root / GENERATED_DIR, src_dir, device, progress, create=create)
+    return DataHub(recipe.spec.data, load_tokenizer(src_dir), seed=recipe.spec.seed,
+                   max_len=getattr(source.config, "max_position_embeddings", None), generations=generations)
+
+
+def _generate_ahead(recipe: Recipe, data: DataHub, last: int) -> None:
+    """Generate the `generate` sources that the stages still to run or the evaluation read, now: before any
+    model is in memory (vLLM runs beside this process), and before the other processes of `accelerate
+    launch` reach a stage (they read what this one wrote)."""
+    names = {n for s in recipe.stages if s.index > last for n in s.config.data_sources()}
+    names |= set(recipe.spec.eval.perplexity)
+    for name in sorted(names):
+        if recipe.spec.data[name].generate is not None:
+            data.stream(name)
+
+
 def _devices(recipe: Recipe, launch: Launch, dtype: torch.dtype) -> tuple[torch.device, torch.dtype]:
     device = launch.state.device if launch.active else pick_device(recipe.spec.device)
     return device, compute_dtype(recipe, dtype, device)
@@ -362,8 +390,9 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
               replace_output: bool) -> dict[str, Any]:
     from .publish import evaluate, export_and_report, failed_measurements, up_to_date_report
 
-    if fresh:  # start over: earlier progress and an earlier export of ours go; nothing else (a GGUF's
-        work.remove_own(replace_output, keep=src_dir)  # conversion is the input in another format: it stays)
+    if fresh:  # start over: earlier progress and an earlier export of ours go; nothing else (a GGUF's conversion
+        # is the input in another format, generated data is keyed by all that made it: they stay)
+        work.remove_own(replace_output, keep=(src_dir, work.root / GENERATED_DIR))
     work.create()
     work.recover()
     dtype = plan0.dtype
@@ -385,8 +414,8 @@ def _run_main(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, so
     work.save_state(state)
     launch.announce(work, [s.index for s in recipe.stages if s.index > last and METHODS[s.method].trains])
 
-    data = DataHub(recipe.spec.data, load_tokenizer(src_dir), seed=recipe.spec.seed,
-                   max_len=getattr(source.config, "max_position_embeddings", None))
+    data = _data_hub(recipe, work, src_dir, source, device, progress)
+    _generate_ahead(recipe, data, last)
     eval_key = json.dumps([recipe.spec.model, recipe.spec.dtype, recipe.as_dict()["eval"],
                            {k: recipe.as_dict()["data"][k] for k in recipe.spec.eval.perplexity}], sort_keys=True)
     cached = state.get("eval_before") or {}
@@ -493,8 +522,7 @@ def _follow(recipe: Recipe, launch: Launch, work: Workspace, src_dir: Path, sour
     plan = launch.wait_for(work)
     dtype = states[0].dtype
     device, cdt = _devices(recipe, launch, dtype)
-    data = DataHub(recipe.spec.data, load_tokenizer(src_dir), seed=recipe.spec.seed,
-                   max_len=getattr(source.config, "max_position_embeddings", None))
+    data = _data_hub(recipe, work, src_dir, source, device, progress, create=False)
     for i in plan["training"]:
         stage = recipe.stages[i]
         before = work.stage_dir(i - 1, recipe.stages[i - 1].method) if i > 0 else None

@@ -30,8 +30,30 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True, frozen=True)
 
 
+class GeneratedText(Strict):
+    """A data source's `generate`: windows a model writes itself, for a speculative-decoding draft to imitate
+    what its target generates (token ids, never re-tokenized text)."""
+
+    model: str = "teacher"
+    """The model that continues the prompts: `teacher` or `original` (the recipe's model before its stages),
+    or a local model directory or Hub id (e.g. the target of `export.draft_for`); it must share the recipe
+    model's token ids."""
+    prompt_tokens: int = Field(gt=0)
+    """Tokens of each prompt: the first `prompt_tokens` of a window of the source's text."""
+    new_tokens: int = Field(gt=0)
+    """Tokens the model appends to each prompt, greedily and exactly this many (EOS does not stop it, as with
+    vLLM's `ignore_eos`); `seq_len` is `prompt_tokens + new_tokens`."""
+    backend: Literal["auto", "vllm", "transformers"] = "auto"
+    """What generates: vllm (in a child process, float32 where this machine's kernels allow), transformers
+    (in process, float32), or auto (vllm where it can serve the model here, else transformers)."""
+    batch_size: int = Field(default=16, gt=0)
+    """Prompts per forward pass with the transformers backend (vLLM batches by itself)."""
+
+
 class DataSource(Strict):
-    """A named text source: a local file or a `datasets` dataset, cut into token windows."""
+    """A named text source: a local file or a `datasets` dataset, cut into token windows; with `generate`,
+    the windows are the greedy continuations of a model, generated once per run and kept in the work
+    directory."""
 
     path: str | None = None
     """Local text file: .txt (read as it is), .jsonl (one JSON object per line, text in `field`) or
@@ -51,7 +73,22 @@ class DataSource(Strict):
     samples: int | None = Field(default=None, gt=0)
     """How many windows of `seq_len` tokens to use; null: all the windows the text holds."""
     seq_len: int = Field(default=512, gt=1)
-    """Tokens per window (capped at the model's context length for perplexity)."""
+    """Tokens per window (capped at the model's context length for perplexity); with `generate`, defaults to
+    `prompt_tokens + new_tokens` and must equal it."""
+    generate: GeneratedText | None = None
+    """Make the windows a model's own greedy continuations of prompts taken from this text (see
+    `data.<name>.generate`); `samples` is then the number of windows generated. null: the text itself."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _generated_length(cls, data: Any) -> Any:
+        """seq_len follows from a `generate` block when the recipe does not give it."""
+        gen = data.get("generate") if isinstance(data, dict) else None
+        if isinstance(gen, dict) and "seq_len" not in data:
+            p, n = gen.get("prompt_tokens"), gen.get("new_tokens")
+            if isinstance(p, int) and isinstance(n, int):
+                return {**data, "seq_len": p + n}
+        return data
 
     @model_validator(mode="after")
     def _one_origin(self) -> DataSource:
@@ -60,6 +97,10 @@ class DataSource(Strict):
         lo, hi = self.fraction
         if not 0.0 <= lo < hi <= 1.0:
             raise ValueError(f"fraction must satisfy 0 <= start < end <= 1, found [{lo}, {hi}]")
+        g = self.generate
+        if g is not None and self.seq_len != g.prompt_tokens + g.new_tokens:
+            raise ValueError(f"seq_len {self.seq_len} must equal generate.prompt_tokens + generate.new_tokens = "
+                             f"{g.prompt_tokens} + {g.new_tokens} = {g.prompt_tokens + g.new_tokens} (or leave seq_len out)")
         return self
 
 
@@ -239,6 +280,9 @@ class Recipe:
             del d["gguf_file"]
         if d["export"]["draft_for"] is None:  # likewise
             del d["export"]["draft_for"]
+        for source in d["data"].values():  # likewise
+            if source["generate"] is None:
+                del source["generate"]
         d["stages"] = [{"method": s.method, **s.config.model_dump(mode="json")} for s in self.stages]
         return d
 

@@ -3,6 +3,7 @@
     <output>/                   the export: only ever renamed into place complete (llmslim_report.json last)
     <output>.work/              llmslim's work files, marked by .llmslim-work
         state.json              what is done: stages (with recipe hashes), export, check, evaluations
+        generated/NAME.safetensors  a data source's generated windows (`generate:`), with their key
         stages/NN-method/       the checkpoint after stage NN (the latest completed one is kept) and its
                                 llmslim_stage.json record, written before the rename that completes it
         stages/NN-method.tmp/   a stage being written;  NN-method.scratch/  its per-layer progress
@@ -75,10 +76,11 @@ class Workspace:
             os.replace(self.trash, self.output)
             log.info("%s: restored the previous export (a run was killed while replacing it)", self.output)
 
-    def remove_own(self, replace_output: bool = False, keep: Path | None = None) -> None:
+    def remove_own(self, replace_output: bool = False, keep: tuple[Path, ...] = ()) -> None:
         """--fresh: remove the work directory and an export of ours at `output`; nothing else. Anything
         else at `output` is refused before anything is removed (with --replace-output it stays, for
-        `finalize` to move aside). `keep`, an entry of the work directory (a GGUF's conversion), stays."""
+        `finalize` to move aside). `keep`: entries of the work directory that stay (a GGUF's conversion,
+        generated data: each is checked against its key before reuse)."""
         if self.root.exists() and not self.owns_root():
             raise UserError(f"output: {self.root} exists and was not created by llmslim; --fresh will not "
                             "delete it: move it away or choose another output")
@@ -86,9 +88,10 @@ class Workspace:
         if problem and not replace_output:
             raise UserError(problem)
         if self.root.exists():
-            if keep is not None and keep.parent == self.root and keep.exists():
+            kept = {p for p in keep if p.parent == self.root and p.exists()}
+            if kept:
                 for entry in self.root.iterdir():
-                    if entry != keep and entry.name != WORK_MARKER:
+                    if entry not in kept and entry.name != WORK_MARKER:
                         _remove(entry)
             else:
                 shutil.rmtree(self.root)
@@ -97,13 +100,15 @@ class Workspace:
 
 
 def completed_units(work: Workspace) -> list[str]:
-    """The units of work a rerun of this output will reuse, as read from disk: `eval_before`, `stage:I`,
+    """The units of work a rerun of this output will reuse, as read from disk: `generated:NAME` (a data
+    source's generated windows, reused when their key still matches), `eval_before`, `stage:I`,
     `layers:I:K` (K finished layers of stage I), `export`, `check`, `eval_after`, `exported`."""
     try:
         state = work.load_state()
     except (OSError, ValueError):
         state = {}
-    units = ["eval_before"] if state.get("eval_before") else []
+    units = [f"generated:{p.stem}" for p in sorted((work.root / "generated").glob("*.safetensors"))]  # generated.py
+    units += ["eval_before"] if state.get("eval_before") else []
     done = {rec["index"] for rec in state.get("stages", [])}
     if work.stages.is_dir():
         done |= {int(p.name[:2]) for p in work.stages.iterdir()  # NN-method, not NN-method.tmp / .scratch

@@ -14,7 +14,15 @@ from typing import Any
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
-from llmslim.recipe import DataSource, EvalConfig, ExportConfig, PushConfig, RecipeModel, ThroughputConfig
+from llmslim.recipe import (
+    DataSource,
+    EvalConfig,
+    ExportConfig,
+    GeneratedText,
+    PushConfig,
+    RecipeModel,
+    ThroughputConfig,
+)
 from llmslim.registry import METHODS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -48,7 +56,9 @@ def table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[str]:
 
 def reference() -> str:
     out = ["### Top level", "", *table(RecipeModel), "",
-           "### `data.<name>`", "", (DataSource.__doc__ or "").strip(), "", *table(DataSource), "",
+           "### `data.<name>`", "", " ".join((DataSource.__doc__ or "").split()), "", *table(DataSource), "",
+           "### `data.<name>.generate`", "", " ".join((GeneratedText.__doc__ or "").split()), "", *table(GeneratedText),
+           "",
            "### `export`", "", *table(ExportConfig), "", "### `eval`", "", *table(EvalConfig), "",
            "### `eval.throughput`", "", " ".join((ThroughputConfig.__doc__ or "").split()), "", *table(ThroughputConfig), "",
            "### `push`", "", " ".join((PushConfig.__doc__ or "").split()), "", *table(PushConfig), "",
