@@ -38,8 +38,8 @@ Sections (each writes eval/results/bench_smollm2.SECTION.json and prints its tab
   base), the share of GPTQ's increase removed, the adapter's bytes over the base's (the stage's notes), stage
   seconds and peak RSS. Checks: rank 32 on W3 removes at least a quarter of GPTQ's increase, with an adapter
   of at most 10 % of the base's bytes. --eora-throughput adds vLLM decode tok/s of each eora export with and
-  without its adapter (eval/eora_throughput.py; needs a machine whose vLLM serves the quantized base: not run
-  on the CPU machines). --eora-grids w3g64 --eora-ranks 32: a part of it.
+  without its adapter (eval/eora_throughput.py; needs a machine whose vLLM serves the quantized base: W4 on an
+  AVX-512 CPU, where W3 is refused). --eora-grids w3g64 --eora-ranks 32: a part of it.
 - sparse (issue [29]): 50 % unstructured and 2:4, ours `sparsegpt` and `wanda` (uniform; `profile: owl`
   columns too once the stage config has that field) against llm-compressor 0.14's SparseGPTModifier and
   WandaPruningModifier (eval/anchor_sparsity.py in .venv-anchor) on the very calibration ids (SHA-256
