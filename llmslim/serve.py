@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from . import cpu
-from .cpu import VLLM_CPU_HEAD_DIMS
 from .errors import UserError
 
 log = logging.getLogger(__name__)
@@ -146,12 +145,10 @@ def serve_plan(config: dict[str, Any], *, gpu: bool, features: cpu.CpuFeatures |
         return ServePlan(args + _spec(draft, notes), {}, notes)
 
     f = features or cpu.detect()
-    if head_dim(config) not in VLLM_CPU_HEAD_DIMS:
-        raise UserError(f"head_dim {head_dim(config)} is not supported by vLLM's CPU attention (supported: "
-                        f"{', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); serve this model on a GPU")
-    if draft is not None and head_dim(draft[1]) not in VLLM_CPU_HEAD_DIMS:
-        raise UserError(f"--draft {draft[0]}: head_dim {head_dim(draft[1])} is not supported by vLLM's CPU attention "
-                        f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); pick another draft or a GPU")
+    if problem := cpu.head_dim_problem(head_dim(config)):
+        raise UserError(f"{problem}; serve this model on a GPU")
+    if draft is not None and (problem := cpu.head_dim_problem(head_dim(draft[1]))):
+        raise UserError(f"--draft {draft[0]}: {problem}; pick another draft or a GPU")
     run = cpu.vllm_cpu_run(kind, f, declared)
     if not run.generates:
         raise UserError(f"vLLM cannot serve this export on this CPU: {run.why}")

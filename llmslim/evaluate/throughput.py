@@ -51,7 +51,7 @@ from pathlib import Path
 from statistics import median
 from typing import Any
 
-from ..cpu import VLLM_CPU_HEAD_DIMS
+from ..cpu import head_dim_problem
 from ..errors import UserError
 from ..progress import Progress
 from ..serve import head_dim, text_config
@@ -135,12 +135,10 @@ def cannot_run(model_dir: Path, backend: str, settings: ThroughputSettings, gpu:
                 "--gen-len")
     if backend != "vllm":
         return None
-    if not gpu and head_dim(cfg) not in VLLM_CPU_HEAD_DIMS:
-        return (f"head_dim {head_dim(cfg)} is not supported by vLLM's CPU attention (supported: "
-                f"{', '.join(map(str, VLLM_CPU_HEAD_DIMS))}); use --backend transformers or a GPU")
-    if draft is not None and not gpu and head_dim(_config(draft)) not in VLLM_CPU_HEAD_DIMS:
-        return (f"the draft's head_dim {head_dim(_config(draft))} is not supported by vLLM's CPU attention "
-                f"(supported: {', '.join(map(str, VLLM_CPU_HEAD_DIMS))})")
+    if not gpu and (problem := head_dim_problem(head_dim(cfg))):
+        return f"{problem}; use --backend transformers or a GPU"
+    if draft is not None and not gpu and (problem := head_dim_problem(head_dim(_config(draft)))):
+        return f"the draft's {problem}"
     return vllm_dtype(model_dir, settings.dtype)[1]
 
 
