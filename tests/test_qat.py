@@ -135,6 +135,45 @@ def test_the_nf4_merge_computes_what_peft_computes(tiny):
         assert float((logits - want).abs().max()) > 10 * tol, what
 
 
+def test_an_evaluation_between_qlora_steps_leaves_the_nf4_weights_as_training_uses_them(tiny):
+    """A forward in eval mode (eval_data's perplexity during training) changes nothing training sees: the
+    gradients of every adapter and the dequantized NF4 weights are the same after it. On a CPU with
+    AVX512_BF16, bitsandbytes 0.50 repacks an NF4 weight for its inference kernel at such a forward, after which
+    its matmul has no backward (the gradient through the frozen base is dropped) and dequantize_4bit misreads
+    it: a QLoRA run with eval_data trained on a broken gradient and merged noise until nf4_lora turned the
+    repacking off. (Elsewhere bitsandbytes never repacks; the test holds there as well.)"""
+    from transformers import AutoModelForCausalLM
+
+    from llmslim.methods.qat import _dequantized, nf4_lora
+
+    names = [f"model.layers.{i}.{t}" for i in range(4) for t in TARGETS]
+    torch.manual_seed(0)
+    model = nf4_lora(AutoModelForCausalLM.from_pretrained(tiny("llama"), dtype=torch.float32), names, 4, 8.0,
+                     torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data = 0.05 * torch.randn(p.shape, generator=g)
+    tokens = torch.randint(3, 512, (2, 24), generator=g)
+    bases = {n: m.base_layer.weight for n, m in model.get_base_model().named_modules() if hasattr(m, "base_layer")}
+
+    def gradients() -> dict[str, torch.Tensor]:
+        model.train()
+        model.zero_grad()
+        model(input_ids=tokens, labels=tokens).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    before, dense = gradients(), {n: _dequantized(w).clone() for n, w in bases.items()}
+    model.eval()
+    with torch.no_grad():
+        model(input_ids=tokens)
+    after = gradients()
+    assert len(before) == 2 * len(names) and after.keys() == before.keys()
+    for n in before:
+        assert torch.allclose(after[n], before[n], rtol=1e-4, atol=1e-7), n
+    assert all(torch.equal(_dequantized(w), dense[n]) for n, w in bases.items())
+
+
 def test_qlora_nf4_stage_writes_the_nf4_base_plus_a_rank_r_update(tiny_tok, tmp_path):
     """The stage's export, per target Linear: its weight minus bitsandbytes' NF4 round trip of the input
     weight is the trained adapters' update, nonzero and of rank r (here 4); every other tensor is the

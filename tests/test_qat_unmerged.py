@@ -151,7 +151,8 @@ def test_vllm_serves_the_unmerged_w4_export_with_its_adapter(unmerged):
 
 
 def nf4(**kw) -> dict:
-    stage = qat(base="nf4", group_size=128, steps=4, save_every=2, **kw)
+    # eval_data: an evaluation in eval mode between steps must leave the NF4 weights as training uses them
+    stage = qat(base="nf4", group_size=128, steps=4, save_every=2, eval_data="heldout", **kw)
     stage.pop("calib_data")
     return stage
 

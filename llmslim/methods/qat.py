@@ -255,16 +255,30 @@ def nf4_lora(model: Any, names: list[str], r: int, alpha: float, device: torch.d
                               compress_statistics=True)
         if lin.bias is not None:
             q.bias = nn.Parameter(lin.bias.data.clone(), requires_grad=False)
+        # On a CPU with AVX512_BF16, bitsandbytes 0.50 repacks the weight for its inference kernel at the first
+        # forward in eval mode (eval_data's perplexity) and keeps that layout: its matmul then has no backward
+        # (every later step would silently lose the gradient through the frozen base) and dequantize_4bit reads
+        # the new layout as the old (the merge and the notes would be noise). Keep the layout training uses.
+        q.support_avx512bf16_for_cpu = False
         setattr(parent, child, q.to(device))  # bitsandbytes quantizes the weight on this move
     return get_peft_model(model.to(device), LoraConfig(
         r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=names, bias="none"))  # type: ignore[arg-type]
+
+
+def _dequantized(weight: Any) -> torch.Tensor:
+    """An NF4 Params4bit's dense weight, in the layout nf4_lora keeps (never bitsandbytes' CPU inference packing)."""
+    import bitsandbytes.functional as bnbf
+
+    if getattr(weight.quant_state, "packing_format_for_cpu", False):
+        raise RuntimeError("an NF4 weight was repacked for bitsandbytes' CPU inference kernel: its layout is not "
+                           "the one dequantize_4bit reads (nf4_lora turns that repacking off)")
+    return bnbf.dequantize_4bit(weight.data, weight.quant_state)
 
 
 @torch.no_grad()
 def merge_nf4(model: Any) -> Any:
     """The dense model QLoRA trained: each NF4 Linear of the peft `model` replaced by a float32 Linear
     holding its dequantized weight plus its adapters' delta (alpha / r) B A; returns the base model."""
-    import bitsandbytes.functional as bnbf
     from bitsandbytes.nn import Linear4bit
 
     base = model.get_base_model()
@@ -273,7 +287,7 @@ def merge_nf4(model: Any) -> Any:
             continue
         b = module.base_layer
         weight: Any = b.weight
-        w = bnbf.dequantize_4bit(weight.data, weight.quant_state).float()
+        w = _dequantized(weight).float()
         w = w + module.get_delta_weight(module.active_adapters[0]).float()
         plain = nn.Linear(w.shape[1], w.shape[0], bias=b.bias is not None)
         plain.weight.data = w
@@ -320,8 +334,6 @@ def _nf4_apart(ctx: StageContext, cfg: QatConfig, model: Any) -> tuple[Any, dict
     that follows starts from the real weights) in the working dtype, and the adapters as a PEFT LoRA adapter in
     `qat/` (lora_alpha as trained). The notes say how far NF4, which the adapter was trained over, and the
     next stage's grid, which it will be served over, each move W0."""
-    import bitsandbytes.functional as bnbf
-
     base = LazyModel(ctx.source, ctx.dtype).materialize_all()
     pairs: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     moved, norm = 0.0, 0.0
@@ -331,7 +343,7 @@ def _nf4_apart(ctx: StageContext, cfg: QatConfig, model: Any) -> tuple[Any, dict
             pairs[name] = (module.lora_B[key].weight.detach().cpu(), module.lora_A[key].weight.detach().cpu())
             weight: Any = module.base_layer.weight
             w = base.get_submodule(name).weight.data.float()
-            moved += float((bnbf.dequantize_4bit(weight.data, weight.quant_state).float().cpu() - w).pow(2).sum())
+            moved += float((_dequantized(weight).float().cpu() - w).pow(2).sum())
             norm += float(w.pow(2).sum())
     w0 = {n: base.get_submodule(n).weight.data for n in sorted(pairs)}
     linears = [n for n, m in base.named_modules() if isinstance(m, nn.Linear)]  # short target names only if exact
