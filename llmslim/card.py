@@ -190,8 +190,8 @@ ADAPTER_TEXT = {  # what the adapter is, per folder
 }
 
 
-def _adapter_text(report: dict[str, Any], name: str, rank: int) -> str:
-    trained_on_nf4 = any("nf4_shift" in rec.get("notes", {}) for rec in report.get("stages", []))
+def _adapter_text(recipe: dict[str, Any], name: str, rank: int) -> str:
+    trained_on_nf4 = any(s.get("method") == "qat" and s.get("base") == "nf4" for s in recipe.get("stages", []))
     return ADAPTER_TEXT[f"{name}-nf4" if name == "qat" and trained_on_nf4 else name].format(rank=rank)
 
 
@@ -232,7 +232,7 @@ def _body(repo_id: str, config: dict[str, Any], report: dict[str, Any], recipe: 
                   f"`{speculative_args(repo_id, DEFAULT_SPEC_TOKENS)[0]}`.", "",
                   "On its own:", ""]
     if rank:  # eora, qat merge: false: a LoRA adapter in eora/ or qat/, which vLLM reads from a local folder
-        lines += [f"The {'quantized ' if compressed else ''}base comes with {_adapter_text(report, name, rank)}. "
+        lines += [f"The {'quantized ' if compressed else ''}base comes with {_adapter_text(recipe, name, rank)}. "
                   "Download the repository, "
                   f"then serve the base with the adapter; requests naming the model `{name}` get the model with "
                   "the adapter, the base's own name the base alone.", "",

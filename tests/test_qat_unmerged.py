@@ -134,6 +134,7 @@ def test_serve_and_the_card_serve_the_qat_adapter(unmerged, monkeypatch, capsys)
     printed, card = served_on_a_cpu(out, "me/tiny-qat", 9125, monkeypatch, capsys)
     assert f"--enable-lora --lora-modules=qat={out}/qat --max-lora-rank=8" in printed, printed
     assert "--enable-lora --lora-modules=qat=tiny-qat/qat --max-lora-rank=8" in card
+    assert "the LoRA adapter its quantization-aware training learned in `qat/` (rank 8)" in card and "NF4" not in card
     assert 'PeftModel.from_pretrained(base, "tiny-qat/qat")' in card
 
 
