@@ -24,6 +24,7 @@ from .cpu import NEAR_TIE, VllmRun, export_kind, head_dim_problem, vllm_cpu_run,
 from .errors import UserError
 from .formats.lora import adapter_dir, max_rank
 from .loading import load_tokenizer
+from .serve import head_dim
 
 log = logging.getLogger(__name__)
 
@@ -261,8 +262,7 @@ def check_exports(model_dirs: list[str | Path], backend: str = "vllm",
             results[k] = CheckResult("transformers", True, len(prompts), tokens=hf, detail="loads in transformers"
                                      + ("; same greedy tokens as before export" if reference is not None else ""))
             continue
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        if not torch.cuda.is_available() and (problem := head_dim_problem(head_dim)):
+        if not torch.cuda.is_available() and (problem := head_dim_problem(head_dim(cfg.to_dict()))):
             results[k] = _fail("vllm", f"{d}: {problem}; use export.check: transformers")
             continue
         plan = vllm_run_for(d)

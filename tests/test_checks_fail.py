@@ -251,3 +251,16 @@ def test_check_command_passes_a_good_export_and_fails_a_bad_one(exports, tmp_pat
     assert "Traceback" not in err and "error:" in err and "implies [192, 128]" in err
     assert main(["check", str(tmp_path / "nothing"), "--quiet"]) == 2
     assert "not a model directory (no config.json)" in capsys.readouterr().err
+
+
+def test_a_head_dim_vllm_cannot_run_on_a_cpu_fails_the_vllm_check_in_one_line():
+    """stories260K (head_dim 8): on a CPU the vLLM check fails with the reason and the way out, without
+    starting vLLM."""
+    from conftest import STORIES
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU runs any head_dim")  # the CPU rule only; CI has no GPU
+    (result,) = check_exports([STORIES], backend="vllm")
+    assert not result.passed
+    assert result.detail == (f"{STORIES}: head_dim 8 is not supported by vLLM's CPU attention (supported: 32, 64, "
+                             "80, 96, 112, 128, 160, 192, 224, 256, 512); use export.check: transformers")
